@@ -1,0 +1,143 @@
+"""Multi-head self-attention and the attention pattern built from batch fields.
+
+Einsum letters: B batch, T query length, S key length, E embed, H heads,
+D head dim.
+
+One mask covers every objective. A key j is visible from a query i when both
+are in the same packed segment and either j <= i (causal) or j lies in the
+segment's bidirectional prefix. Causal LM has no prefix; UL2's prefix LM and
+GLM's Part A / Part B differ only in the prefix; padding is segment 0, which
+no real token can see.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from glm import positions
+from glm.config import ModelConfig
+from glm.layers import compute_dtype, kernel_init, param
+
+
+class AttentionInputs(NamedTuple):
+  """Per-forward attention context, shared by every layer.
+
+  mask: [B, 1, T, S] bool, True where the query may attend the key.
+  alibi: [B, H, T, S] float32 bias, or None.
+  rope: ((cos, sin), ...) tables; one pair for 1D RoPE, two for 2D, or None.
+  """
+  mask: jax.Array
+  alibi: jax.Array | None
+  rope: tuple | None
+
+
+def prefix_mask_from_len(prefix_len: jax.Array, length: int) -> jax.Array:
+  """[B] prefix lengths -> [B, T] bool, True on the bidirectional prefix."""
+  return jnp.arange(length)[None, :] < prefix_len[:, None]
+
+
+def make_attention_mask(segment_ids: jax.Array,
+                        prefix_mask: jax.Array | None) -> jax.Array:
+  """[B, T] segment ids (0 = padding) and prefix flags -> [B, 1, T, T] bool."""
+  length = segment_ids.shape[1]
+  idx = jnp.arange(length)
+  visible = idx[None, :] <= idx[:, None]  # [T, S] causal
+  visible = jnp.broadcast_to(visible, (segment_ids.shape[0], length, length))
+  if prefix_mask is not None:
+    visible = visible | prefix_mask[:, None, :]
+  same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]
+  return (visible & same_segment)[:, None, :, :]
+
+
+def attention_inputs(cfg: ModelConfig, batch: dict) -> AttentionInputs:
+  """Builds mask, ALiBi bias and RoPE tables from a batch's fields.
+
+  Batch fields: `tokens` [B, T] (required); optional `segment_ids` [B, T]
+  (0 = padding, default all ones), `prefix_len` [B] or `prefix_mask` [B, T],
+  `position_ids` [B, T] (default: 0.. per segment) and `block_position_ids`
+  [B, T] (2D RoPE; default zeros).
+  """
+  tokens = batch['tokens']
+  segment_ids = batch.get('segment_ids')
+  position_ids = batch.get('position_ids')
+  if position_ids is None:
+    position_ids = positions.default_position_ids(tokens, segment_ids)
+  if segment_ids is None:
+    segment_ids = jnp.ones_like(tokens)
+  prefix_mask = batch.get('prefix_mask')
+  if prefix_mask is None and batch.get('prefix_len') is not None:
+    prefix_mask = prefix_mask_from_len(batch['prefix_len'], tokens.shape[1])
+  mask = make_attention_mask(segment_ids, prefix_mask)
+
+  alibi = rope = None
+  if cfg.position == 'alibi':
+    alibi = positions.alibi_bias(position_ids, cfg.num_heads)
+  elif cfg.position == 'rope':
+    rope = (positions.rope_angles(position_ids, cfg.rotary_dims,
+                                  cfg.rope_base),)
+  elif cfg.position == 'rope2d':
+    half = cfg.dims_per_head // 2
+    block_ids = batch.get('block_position_ids')
+    if block_ids is None:
+      block_ids = jnp.zeros_like(position_ids)
+    rope = (positions.rope_angles(position_ids, half, cfg.rope_base),
+            positions.rope_angles(block_ids, half, cfg.rope_base))
+  return AttentionInputs(mask, alibi, rope)
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                          ctx: AttentionInputs) -> jax.Array:
+  """Softmax attention in float32. q, k, v: [B, T, H, D] -> [B, T, H, D]."""
+  scale = q.shape[-1] ** -0.5
+  scores = jnp.einsum('bthd,bshd->bhts', q, k,
+                      preferred_element_type=jnp.float32) * scale
+  if ctx.alibi is not None:
+    scores = scores + ctx.alibi
+  scores = jnp.where(ctx.mask, scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  return jnp.einsum('bhts,bshd->bthd', probs, v)
+
+
+class Attention(nn.Module):
+  """Self-attention with separate q, k, v projections and an output one."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array, ctx: AttentionInputs) -> jax.Array:
+    cfg = self.cfg
+    dt = compute_dtype(cfg)
+    e, h, d = cfg.hidden, cfg.num_heads, cfg.dims_per_head
+
+    def project(name: str, scaled: bool) -> jax.Array:
+      w = param(self, name, kernel_init(cfg, scaled=scaled, in_axis=[0],
+                                        out_axis=[1, 2]),
+                (e, h, d), ('embed', 'heads', 'kv'))
+      y = jnp.einsum('bte,ehd->bthd', x, w.astype(dt))
+      if cfg.use_bias:
+        y = y + param(self, f'{name}_bias', nn.initializers.zeros, (h, d),
+                      ('heads', 'kv')).astype(dt)
+      return nn.with_logical_constraint(y, ('batch', 'length', 'heads', 'kv'))
+
+    q = project('query', scaled=False)
+    k = project('key', scaled=False)
+    v = project('value', scaled=True)
+    if cfg.position == 'rope':
+      q = positions.apply_rope(q, *ctx.rope[0])
+      k = positions.apply_rope(k, *ctx.rope[0])
+    elif cfg.position == 'rope2d':
+      q = positions.apply_rope_2d(q, ctx.rope[0], ctx.rope[1])
+      k = positions.apply_rope_2d(k, ctx.rope[0], ctx.rope[1])
+
+    out = dot_product_attention(q, k, v, ctx)  # [B, T, H, D]
+    wo = param(self, 'out', kernel_init(cfg, scaled=True, in_axis=[0, 1],
+                                        out_axis=[2]),
+               (h, d, e), ('heads', 'kv', 'embed'))
+    y = jnp.einsum('bthd,hde->bte', out, wo.astype(dt))
+    if cfg.use_bias:
+      y = y + param(self, 'out_bias', nn.initializers.zeros, (e,),
+                    ('embed',)).astype(dt)
+    return y

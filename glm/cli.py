@@ -1,0 +1,137 @@
+"""The `glm` command line: `glm <subcommand> ...` or `python -m glm ...`.
+
+  glm info    --gin_file F [--gin.NAME=VALUE ...] [--seq_len T]
+  glm train   --gin_file F [--gin_file F2 ...] [--gin.NAME=VALUE ...] --workdir W
+  glm convert hf-to-glm --hf_dir D --out C
+  glm convert glm-to-hf --checkpoint C --out D
+  glm score   --checkpoint C --input IN.jsonl --output OUT.jsonl
+
+Errors in the input (a bad gin binding, a missing file, a token outside the
+vocab, ...) print one line `glm <cmd>: error: ...` and exit with status 2,
+leaving no partial output. Set GLM_DEBUG=1 for the full traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Sequence
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(
+      prog='glm', description='BLOOM, GLM-130B and UL2-style language models '
+      'in JAX/Flax. Gin bindings are passed as --gin.NAME=VALUE.')
+  sub = p.add_subparsers(dest='command', required=True, metavar='COMMAND')
+
+  info = sub.add_parser('info', help='parameter and FLOP counts of a model '
+                        'config (no weights are allocated)')
+  info.add_argument('--gin_file', action='append', required=True)
+  info.add_argument('--seq_len', type=int, default=None,
+                    help='sequence length for the attention FLOPs '
+                    '(default: the model max_len)')
+
+  train = sub.add_parser('train', help='train a model (t5x-style gin run)')
+  train.add_argument('--gin_file', action='append', required=True)
+  train.add_argument('--workdir', required=True)
+
+  convert = sub.add_parser('convert', help='Hugging Face BLOOM <-> glm')
+  csub = convert.add_subparsers(dest='direction', required=True,
+                                metavar='DIRECTION')
+  h2g = csub.add_parser('hf-to-glm', help='HF BLOOM folder -> glm checkpoint')
+  h2g.add_argument('--hf_dir', required=True)
+  h2g.add_argument('--out', required=True)
+  g2h = csub.add_parser('glm-to-hf', help='glm checkpoint -> HF BLOOM folder')
+  g2h.add_argument('--checkpoint', required=True)
+  g2h.add_argument('--out', required=True)
+
+  score = sub.add_parser('score', help='per-token log-probs of sequences')
+  score.add_argument('--checkpoint', required=True)
+  score.add_argument('--input', required=True)
+  score.add_argument('--output', required=True)
+  score.add_argument('--batch_size', type=int, default=8)
+  return p
+
+
+def _cmd_info(args, bindings) -> None:
+  from glm import gin_config  # pylint: disable=g-import-not-at-top
+  from glm import model_info  # pylint: disable=g-import-not-at-top
+  from glm.config import ModelConfig  # pylint: disable=g-import-not-at-top
+  gin_config.parse(args.gin_file, bindings)
+  print(json.dumps(model_info.info(ModelConfig(), args.seq_len)))
+
+
+def _cmd_train(args, bindings) -> None:
+  from glm import gin_config  # pylint: disable=g-import-not-at-top
+  from glm import train  # pylint: disable=g-import-not-at-top
+  gin_config.parse(args.gin_file, bindings)
+  train.train(workdir=args.workdir)
+
+
+def _cmd_convert(args, bindings) -> None:
+  del bindings
+  from glm import checkpoint  # pylint: disable=g-import-not-at-top
+  from glm import hf_bloom  # pylint: disable=g-import-not-at-top
+  if args.direction == 'hf-to-glm':
+    if not os.path.isdir(args.hf_dir):
+      raise hf_bloom.HFConversionError(
+          f'--hf_dir {args.hf_dir!r} is not a folder; pass a Hugging Face '
+          'BLOOM folder with config.json.')
+    cfg, params, hf = hf_bloom.hf_to_glm(args.hf_dir)
+    out = checkpoint.save(args.out, cfg, params,
+                          meta={'converted_from': 'hf-bloom',
+                                'hf_config': hf})
+    print(f'wrote glm checkpoint {out}', file=sys.stderr)
+  else:
+    cfg = checkpoint.load_config(args.checkpoint)
+    hf_bloom.check_bloom_compatible(cfg)
+    _, params = checkpoint.load(args.checkpoint)
+    hf_extra = checkpoint.read_manifest(args.checkpoint)['meta'].get(
+        'hf_config')
+    hf, sd = hf_bloom.glm_to_hf(cfg, params, hf_extra)
+    with checkpoint.atomic_dir(args.out) as tmp:
+      hf_bloom.write_hf_dir(tmp, hf, sd)
+    print(f'wrote Hugging Face BLOOM folder {os.path.abspath(args.out)}',
+          file=sys.stderr)
+
+
+def _cmd_score(args, bindings) -> None:
+  del bindings
+  from glm import scoring  # pylint: disable=g-import-not-at-top
+  if args.batch_size < 1:
+    raise ValueError(f'--batch_size={args.batch_size} must be >= 1.')
+  scoring.run(args.checkpoint, args.input, args.output,
+              batch_size=args.batch_size)
+
+
+_COMMANDS = {'info': _cmd_info, 'train': _cmd_train,
+             'convert': _cmd_convert, 'score': _cmd_score}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  bindings = [a[len('--gin.'):] for a in argv if a.startswith('--gin.')]
+  rest = [a for a in argv if not a.startswith('--gin.')]
+  args = _parser().parse_args(rest)
+  if bindings and args.command not in ('info', 'train'):
+    _parser().error(f'--gin.* bindings are not used by {args.command}.')
+  bad = [b for b in bindings if '=' not in b]
+  if bad:
+    _parser().error(f'--gin.{bad[0]} has no value; write --gin.NAME=VALUE.')
+  name = args.command if args.command != 'convert' else (
+      f'convert {args.direction}')
+  try:
+    _COMMANDS[args.command](args, bindings)
+  except (ValueError, FileNotFoundError) as e:
+    if os.environ.get('GLM_DEBUG'):
+      raise
+    msg = ' '.join(str(e).split())
+    print(f'glm {name}: error: {msg}', file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

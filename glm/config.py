@@ -1,0 +1,151 @@
+"""The frozen model configuration shared by every module of the Transformer.
+
+One `ModelConfig` describes a BLOOM causal decoder, a GLM-130B General Language
+Model and a UL2 / PaLM-2-style prefix-LM decoder: the three seed families are
+combinations of the switches below (see `configs/models/*.gin`). Gin binds the
+fields at the edge (`ModelConfig.hidden = 1024`); layers only ever receive the
+resulting frozen object.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any
+
+import gin
+
+POSITIONS = ('alibi', 'rope', 'rope2d', 'learned', 'none')
+NORM_LAYOUTS = ('pre', 'deepnorm')
+NORM_TYPES = ('layernorm', 'rmsnorm')
+MLP_ACTIVATIONS = ('gelu', 'geglu', 'swiglu')
+DTYPES = ('float32', 'bfloat16')
+REMAT_POLICIES = ('none', 'full', 'dots', 'dots_no_batch')
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Hyper-parameters of the Transformer. All fields are plain JSON values."""
+
+  # Sizes.
+  vocab_size: int = 256            # real vocabulary entries
+  vocab_pad_multiple: int = 128    # embedding rows are padded up to this
+  hidden: int = 64
+  num_layers: int = 2
+  num_heads: int = 4
+  head_dim: int = 0                # 0 means hidden // num_heads
+  mlp_dim: int = 256               # width of the FFN (per half for GLUs)
+  max_len: int = 2048              # longest sequence the model accepts
+
+  # Positions.
+  position: str = 'alibi'          # one of POSITIONS
+  rope_fraction: float = 1.0       # share of head dims rotated by 1D RoPE
+  rope_base: float = 10000.0
+
+  # Normalisation.
+  norm_layout: str = 'pre'         # 'pre' (pre-LN) or 'deepnorm' (post-LN)
+  norm_type: str = 'layernorm'     # or 'rmsnorm'
+  norm_eps: float = 1e-5
+  embed_norm: bool = False         # LayerNorm right after the embedding
+  final_norm: bool = True
+
+  # Feed-forward and projections.
+  mlp_activation: str = 'gelu'     # one of MLP_ACTIVATIONS
+  use_bias: bool = True
+
+  # Embeddings.
+  tie_embeddings: bool = True
+  embed_grad_shrink: float = 1.0   # GLM-130B's alpha; 1.0 disables it
+  init_std: float = 0.02
+
+  # Numerics and compilation.
+  dtype: str = 'float32'           # compute dtype; params stay float32
+  scan_layers: bool = True
+  remat_policy: str = 'none'       # one of REMAT_POLICIES
+
+  def __post_init__(self):
+    _check_choice('position', self.position, POSITIONS)
+    _check_choice('norm_layout', self.norm_layout, NORM_LAYOUTS)
+    _check_choice('norm_type', self.norm_type, NORM_TYPES)
+    _check_choice('mlp_activation', self.mlp_activation, MLP_ACTIVATIONS)
+    _check_choice('dtype', self.dtype, DTYPES)
+    _check_choice('remat_policy', self.remat_policy, REMAT_POLICIES)
+    for name in ('vocab_size', 'vocab_pad_multiple', 'hidden', 'num_layers',
+                 'num_heads', 'mlp_dim', 'max_len'):
+      if getattr(self, name) < 1:
+        raise ValueError(f'ModelConfig.{name}={getattr(self, name)} must be '
+                         'a positive integer.')
+    if not self.head_dim and self.hidden % self.num_heads:
+      raise ValueError(
+          f'ModelConfig.hidden={self.hidden} is not divisible by num_heads='
+          f'{self.num_heads}; set head_dim explicitly or change num_heads.')
+    if self.position == 'rope2d' and self.dims_per_head % 4:
+      raise ValueError(
+          f'2D RoPE needs a head dim divisible by 4, got {self.dims_per_head}; '
+          'change hidden or num_heads.')
+    if self.position == 'rope' and (self.rotary_dims < 2
+                                    or self.rotary_dims % 2):
+      raise ValueError(
+          f'rope_fraction={self.rope_fraction} of head dim '
+          f'{self.dims_per_head} gives {self.rotary_dims} rotary dims; it must '
+          'be a positive even number.')
+    if not 0.0 < self.embed_grad_shrink <= 1.0:
+      raise ValueError(f'embed_grad_shrink={self.embed_grad_shrink} must be '
+                       'in (0, 1]; 1.0 disables the shrink.')
+
+  # Derived sizes --------------------------------------------------------------
+
+  @property
+  def dims_per_head(self) -> int:
+    return self.head_dim or self.hidden // self.num_heads
+
+  @property
+  def padded_vocab_size(self) -> int:
+    m = self.vocab_pad_multiple
+    return -(-self.vocab_size // m) * m
+
+  @property
+  def rotary_dims(self) -> int:
+    """Head dims rotated by 1D RoPE (an even number)."""
+    return int(self.dims_per_head * self.rope_fraction) // 2 * 2
+
+  @property
+  def deepnorm_alpha(self) -> float:
+    """DeepNorm residual scale alpha = sqrt(2N) (GLM-130B)."""
+    return math.sqrt(2.0 * self.num_layers)
+
+  @property
+  def deepnorm_init_scale(self) -> float:
+    """DeepNorm init gain beta = (2N)^-1/2 on FFN, value and output."""
+    return (2.0 * self.num_layers) ** -0.5
+
+  @property
+  def is_gated(self) -> bool:
+    return self.mlp_activation in ('geglu', 'swiglu')
+
+  # Serialisation --------------------------------------------------------------
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  def to_json(self) -> str:
+    return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> 'ModelConfig':
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+      raise ValueError(f'unknown ModelConfig fields {unknown}; known fields '
+                       f'are {sorted(known)}.')
+    return cls(**d)
+
+  def replace(self, **kwargs) -> 'ModelConfig':
+    return dataclasses.replace(self, **kwargs)
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+  if value not in choices:
+    raise ValueError(f'ModelConfig.{name}={value!r} is not one of {choices}.')

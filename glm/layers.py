@@ -1,0 +1,157 @@
+"""Building blocks: norms, the feed-forward block, embeddings and initialisers.
+
+Einsum letters: B batch, T length, E embed (hidden), F mlp width, G the two
+halves of a gated FFN, V padded vocabulary.
+Parameters are float32; computation runs in `cfg.dtype` except norms,
+softmax and logits, which are float32.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from glm.config import ModelConfig
+
+Initializer = Callable[..., jax.Array]
+
+
+def compute_dtype(cfg: ModelConfig):
+  return jnp.bfloat16 if cfg.dtype == 'bfloat16' else jnp.float32
+
+
+def normal_init(std: float) -> Initializer:
+  return nn.initializers.normal(stddev=std)
+
+
+def xavier_normal(gain: float, in_axis: Sequence[int],
+                  out_axis: Sequence[int]) -> Initializer:
+  """Xavier (Glorot) normal, std = gain * sqrt(2 / (fan_in + fan_out))."""
+  return nn.initializers.variance_scaling(
+      gain ** 2, 'fan_avg', 'normal', in_axis=tuple(in_axis),
+      out_axis=tuple(out_axis))
+
+
+def kernel_init(cfg: ModelConfig, *, scaled: bool, in_axis: Sequence[int],
+                out_axis: Sequence[int]) -> Initializer:
+  """Initialiser for a projection kernel.
+
+  Pre-LN models draw from N(0, init_std). DeepNorm models use Xavier normal,
+  with gain beta = (2N)^-1/2 on the `scaled` projections (FFN, value and
+  attention output) as GLM-130B does.
+  """
+  if cfg.norm_layout == 'deepnorm':
+    gain = cfg.deepnorm_init_scale if scaled else 1.0
+    return xavier_normal(gain, in_axis, out_axis)
+  return normal_init(cfg.init_std)
+
+
+def param(module: nn.Module, name: str, init: Initializer,
+          shape: tuple[int, ...], names: tuple[str | None, ...]) -> jax.Array:
+  """A float32 parameter annotated with logical axis names."""
+  return module.param(name, nn.with_logical_partitioning(init, names), shape,
+                      jnp.float32)
+
+
+class Norm(nn.Module):
+  """LayerNorm (scale and bias) or RMSNorm (scale only), computed in fp32."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    cfg = self.cfg
+    xf = x.astype(jnp.float32)
+    scale = param(self, 'scale', nn.initializers.ones, (cfg.hidden,),
+                  ('embed',))
+    if cfg.norm_type == 'rmsnorm':
+      y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, -1, keepdims=True)
+                             + cfg.norm_eps)
+      y = y * scale
+    else:
+      mean = jnp.mean(xf, -1, keepdims=True)
+      var = jnp.mean(jnp.square(xf - mean), -1, keepdims=True)
+      y = (xf - mean) * jax.lax.rsqrt(var + cfg.norm_eps)
+      bias = param(self, 'bias', nn.initializers.zeros, (cfg.hidden,),
+                   ('embed',))
+      y = y * scale + bias
+    return y.astype(compute_dtype(cfg))
+
+
+class Mlp(nn.Module):
+  """Feed-forward block: GeLU (tanh), GeGLU (exact GELU) or SwiGLU.
+
+  Gated variants project E -> 2F, split into halves (x1, x2) and return
+  x1 * act(x2) projected back to E; the halves are a separate `glu` axis of
+  the kernel so that tensor parallelism never splits them across devices.
+  """
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    cfg = self.cfg
+    dt = compute_dtype(cfg)
+    e, f = cfg.hidden, cfg.mlp_dim
+    if cfg.is_gated:
+      wi = param(self, 'wi', kernel_init(cfg, scaled=True, in_axis=[0],
+                                         out_axis=[1, 2]),
+                 (e, 2, f), ('embed', 'glu', 'mlp'))
+      h = jnp.einsum('bte,egf->gbtf', x, wi.astype(dt))
+      if cfg.use_bias:
+        bi = param(self, 'wi_bias', nn.initializers.zeros, (2, f),
+                   ('glu', 'mlp'))
+        h = h + bi.astype(dt)[:, None, None, :]
+      x1, x2 = h[0], h[1]
+      if cfg.mlp_activation == 'geglu':
+        h = x1 * jax.nn.gelu(x2, approximate=False)
+      else:
+        h = x1 * jax.nn.silu(x2)
+    else:
+      wi = param(self, 'wi', kernel_init(cfg, scaled=True, in_axis=[0],
+                                         out_axis=[1]),
+                 (e, f), ('embed', 'mlp'))
+      h = jnp.einsum('bte,ef->btf', x, wi.astype(dt))
+      if cfg.use_bias:
+        h = h + param(self, 'wi_bias', nn.initializers.zeros, (f,),
+                      ('mlp',)).astype(dt)
+      h = jax.nn.gelu(h, approximate=True)
+    h = nn.with_logical_constraint(h, ('batch', 'length', 'mlp'))
+    wo = param(self, 'wo', kernel_init(cfg, scaled=True, in_axis=[0],
+                                       out_axis=[1]),
+               (f, e), ('mlp', 'embed'))
+    y = jnp.einsum('btf,fe->bte', h, wo.astype(dt))
+    if cfg.use_bias:
+      y = y + param(self, 'wo_bias', nn.initializers.zeros, (e,),
+                    ('embed',)).astype(dt)
+    return y
+
+
+def shrink_gradient(x: jax.Array, alpha: float) -> jax.Array:
+  """GLM-130B's embedding gradient shrink: value x, gradient alpha * grad."""
+  if alpha == 1.0:
+    return x
+  return alpha * x + jax.lax.stop_gradient(x) * (1.0 - alpha)
+
+
+class Embed(nn.Module):
+  """Token embedding table [V, E]; `attend` gives tied output logits."""
+  cfg: ModelConfig
+
+  def setup(self):
+    cfg = self.cfg
+    self.embedding = param(self, 'embedding', normal_init(cfg.init_std),
+                           (cfg.padded_vocab_size, cfg.hidden),
+                           ('vocab', 'embed'))
+
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    # [B, T] -> [B, T, E]
+    return jnp.take(self.embedding, tokens, axis=0).astype(
+        compute_dtype(self.cfg))
+
+  def attend(self, x: jax.Array) -> jax.Array:
+    # [B, T, E] x [V, E] -> [B, T, V] in float32.
+    dt = compute_dtype(self.cfg)
+    return jnp.einsum('bte,ve->btv', x.astype(dt), self.embedding.astype(dt),
+                      preferred_element_type=jnp.float32)

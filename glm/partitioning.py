@@ -1,0 +1,50 @@
+"""Logical axis names and the one rule table that maps them onto a mesh.
+
+Every parameter and every main activation of the model carries logical axis
+names (`nn.with_logical_partitioning` / `nn.with_logical_constraint`). Outside
+of a mesh context the constraints are no-ops, so the model runs unchanged on one
+device; `LOGICAL_AXIS_RULES` is what a sharded run hands to
+`nn.logical_axis_rules` to place each logical axis on the mesh axes
+(`data`, `fsdp`, `tensor`, `pipeline`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+
+# Logical names used by the model:
+#   batch, length          activations' leading axes
+#   embed                  model width (hidden)
+#   heads, kv              attention heads and per-head dims
+#   mlp                    feed-forward width
+#   vocab                  (padded) vocabulary
+#   layers                 the stacked layer axis of a scanned model
+#   position               rows of a learned absolute position table
+#   glu                    the two halves of a gated FFN (never sharded)
+LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
+    ('batch', ('data', 'fsdp')),
+    ('length', None),
+    ('embed', 'fsdp'),
+    ('heads', 'tensor'),
+    ('kv', None),
+    ('mlp', 'tensor'),
+    ('vocab', 'tensor'),
+    ('layers', None),
+    ('position', None),
+    ('glu', None),
+)
+
+LOGICAL_NAMES = frozenset(name for name, _ in LOGICAL_AXIS_RULES)
+
+
+def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
+  """Annotates an activation with logical axis names (no-op without a mesh)."""
+  return nn.with_logical_constraint(x, names)
+
+
+def param_logical_axes(boxed_params: Any) -> Any:
+  """Returns a pytree of logical-name tuples matching the params' structure."""
+  return nn.get_partition_spec(boxed_params)

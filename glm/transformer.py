@@ -1,0 +1,158 @@
+"""The Transformer decoder shared by BLOOM, GLM-130B and UL2-style models.
+
+Usage, as a pure function:
+
+  model = Transformer(cfg)
+  params = model.init(rng, batch)['params']
+  logits = model.apply({'params': params}, batch)   # [B, T, V] float32
+
+Letters: B batch, T length, E embed, V padded vocabulary. Logits of the
+padding rows of the vocabulary (ids >= cfg.vocab_size) are set to the float32
+minimum so that softmax, loss and sampling never see them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from glm import positions
+from glm.attention import Attention, AttentionInputs, attention_inputs
+from glm.config import ModelConfig
+from glm.layers import Embed, Mlp, Norm, compute_dtype, normal_init, param
+from glm.layers import shrink_gradient
+
+_ACT = ('batch', 'length', 'embed')
+
+REMAT_POLICIES = {
+    'full': None,  # save nothing, recompute the whole block
+    'dots': jax.checkpoint_policies.checkpoint_dots,
+    'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Block(nn.Module):
+  """One layer: pre-LN or DeepNorm (post-LN) attention + feed-forward."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array, ctx: AttentionInputs):
+    cfg = self.cfg
+    attn = Attention(cfg, name='attention')
+    mlp = Mlp(cfg, name='mlp')
+    ln1 = Norm(cfg, name='input_norm')
+    ln2 = Norm(cfg, name='post_attention_norm')
+    if cfg.norm_layout == 'deepnorm':
+      # a = LN(x); x' = alpha*a + Attn(a); b = LN(x'); y = alpha*b + FFN(b)
+      alpha = cfg.deepnorm_alpha
+      a = ln1(x)
+      x = alpha * a + attn(a, ctx)
+      b = ln2(x)
+      x = alpha * b + mlp(b)
+    else:
+      x = x + attn(ln1(x), ctx)
+      x = x + mlp(ln2(x))
+    x = nn.with_logical_constraint(x, _ACT)
+    return x, None
+
+
+class Transformer(nn.Module):
+  """Embedding -> [embedding LN] -> N blocks -> [final norm] -> logits."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, batch: dict[str, jax.Array]) -> jax.Array:
+    cfg = self.cfg
+    tokens = batch['tokens']
+    embed = Embed(cfg, name='embed')
+    x = embed(tokens)  # [B, T, E]
+    x = shrink_gradient(x, cfg.embed_grad_shrink)
+    if cfg.position == 'learned':
+      table = param(self, 'position_embedding', normal_init(cfg.init_std),
+                    (cfg.max_len, cfg.hidden), ('position', 'embed'))
+      pos = batch.get('position_ids')
+      if pos is None:
+        pos = positions.default_position_ids(tokens, batch.get('segment_ids'))
+      x = x + jnp.take(table, pos, axis=0).astype(x.dtype)
+    if cfg.embed_norm:
+      x = Norm(cfg, name='embed_norm')(x)
+    x = nn.with_logical_constraint(x, _ACT)
+
+    ctx = attention_inputs(cfg, batch)
+    block = Block
+    if cfg.remat_policy != 'none':
+      block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat_policy],
+                       prevent_cse=not cfg.scan_layers)
+    if cfg.scan_layers:
+      x, _ = nn.scan(
+          block, variable_axes={'params': 0},
+          split_rngs={'params': True, 'dropout': True},
+          in_axes=(nn.broadcast,), length=cfg.num_layers,
+          metadata_params={nn.PARTITION_NAME: 'layers'},
+      )(cfg, name='layers')(x, ctx)
+    else:
+      for i in range(cfg.num_layers):
+        x, _ = block(cfg, name=f'layers_{i}')(x, ctx)
+
+    if cfg.final_norm:
+      x = Norm(cfg, name='final_norm')(x)
+    if cfg.tie_embeddings:
+      logits = embed.attend(x)
+    else:
+      w = param(self, 'lm_head', normal_init(cfg.init_std),
+                (cfg.hidden, cfg.padded_vocab_size), ('embed', 'vocab'))
+      dt = compute_dtype(cfg)
+      logits = jnp.einsum('bte,ev->btv', x, w.astype(dt),
+                          preferred_element_type=jnp.float32)
+    logits = nn.with_logical_constraint(logits, ('batch', 'length', 'vocab'))
+    if cfg.padded_vocab_size != cfg.vocab_size:
+      real = jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size
+      logits = jnp.where(real, logits, jnp.finfo(jnp.float32).min)
+    return logits
+
+
+def dummy_batch(cfg: ModelConfig, batch_size: int = 1,
+                length: int = 8) -> dict[str, jax.Array]:
+  """A batch of zeros with every field the model reads (for init/shapes)."""
+  del cfg
+  return {'tokens': jnp.zeros((batch_size, length), jnp.int32)}
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array) -> Any:
+  """Initialises unboxed float32 parameters."""
+  variables = Transformer(cfg).init(rng, dummy_batch(cfg))
+  return nn.unbox(variables['params'])
+
+
+def abstract_params(cfg: ModelConfig) -> Any:
+  """ShapeDtypeStructs of the parameters, without allocating any weights."""
+  boxed = jax.eval_shape(lambda: Transformer(cfg).init(
+      jax.random.PRNGKey(0), dummy_batch(cfg))['params'])
+  return nn.unbox(boxed)
+
+
+def logical_axes(cfg: ModelConfig) -> Any:
+  """A pytree of logical-axis-name tuples, one per parameter."""
+  boxed = jax.eval_shape(lambda: Transformer(cfg).init(
+      jax.random.PRNGKey(0), dummy_batch(cfg))['params'])
+  return nn.get_partition_spec(boxed)
+
+
+def unstack_layers(params: Any, num_layers: int) -> Any:
+  """Scanned params ('layers' stacked on axis 0) -> layers_0..layers_{N-1}."""
+  params = dict(params)
+  stacked = params.pop('layers')
+  for i in range(num_layers):
+    params[f'layers_{i}'] = jax.tree.map(lambda a, i=i: a[i], stacked)
+  return params
+
+
+def stack_layers(params: Any, num_layers: int) -> Any:
+  """layers_0..layers_{N-1} -> one 'layers' subtree stacked on axis 0."""
+  params = dict(params)
+  per_layer = [params.pop(f'layers_{i}') for i in range(num_layers)]
+  params['layers'] = jax.tree.map(lambda *a: jnp.stack(a), *per_layer)
+  return params

@@ -1,0 +1,54 @@
+"""glm: BLOOM, GLM-130B and UL2-style language models in JAX/Flax.
+
+Import names: the repository folder `glm/` is `glm`, `data/` is `glm.data`
+and `pallas_kernels/` is `glm.pallas_kernels`; nothing generic is installed at
+the top level of site-packages.
+"""
+
+import setuptools
+
+# The working set that installs together on Python 3.11 (DESIGN.md section 8).
+INSTALL_REQUIRES = [
+    'jax==0.10.2',
+    'jaxlib==0.10.2',
+    'flax==0.12.8',
+    'optax==0.2.8',
+    'orbax-checkpoint==0.12.8',
+    'numpy==2.4.6',
+    'sentencepiece==0.2.3',
+    'gin-config==0.5.0',
+    'seqio==0.0.20',
+    'tensorflow==2.21.0',
+    'tensorflow-text==2.21.1',
+    'tensorflow-datasets==4.9.10',
+    'protobuf==7.36.2',
+    # Reads and writes Hugging Face weights (glm convert).
+    'safetensors==0.8.0',
+]
+
+# Test-only packages: Hugging Face parity needs torch (CPU wheel) and
+# transformers. torch is always pinned: an open range pulls CUDA wheels.
+EXTRAS_REQUIRE = {
+    'dev': [
+        'pytest==9.2.0',
+        'torch==2.13.0',
+        'transformers==4.57.6',
+    ],
+}
+
+setuptools.setup(
+    name='glm',
+    version='0.1.0',
+    description=('BLOOM, GLM-130B and UL2-style language models in JAX/Flax: '
+                 'training, sharding, Pallas kernels and HF interop.'),
+    python_requires='>=3.11',
+    packages=['glm', 'glm.data', 'glm.pallas_kernels'],
+    package_dir={
+        'glm': 'glm',
+        'glm.data': 'data',
+        'glm.pallas_kernels': 'pallas_kernels',
+    },
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+    entry_points={'console_scripts': ['glm = glm.cli:main']},
+)
