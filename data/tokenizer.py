@@ -28,6 +28,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import tempfile
 
 import sentencepiece as spm
@@ -165,9 +166,18 @@ def train_tokenizer(corpus_dir: str, out_prefix: str, *,
   os.makedirs(os.path.dirname(out_prefix), exist_ok=True)
   buffer = io.BytesIO()
   spm.set_random_generator_seed(seed)
-  spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences),
-                                 model_writer=buffer,
-                                 **_trainer_args(vocab_size))
+  try:
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences),
+                                   model_writer=buffer,
+                                   **_trainer_args(vocab_size))
+  except RuntimeError as e:
+    needed = re.search(r'smaller than required_chars\. \d+ vs (\d+)', str(e))
+    if not needed:
+      raise
+    raise ValueError(
+        f'tokenizer {vocab_size=} is too small for the alphabet of corpus '
+        f'{corpus_dir}: it needs more than {needed.group(1)} pieces; use a '
+        'larger vocab_size (default 4096).') from None
   model = buffer.getvalue()
   sidecar['model_sha256'] = hashlib.sha256(model).hexdigest()
   sidecar['training_sentences'] = len(sentences)
