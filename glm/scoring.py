@@ -16,6 +16,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 from typing import Any, Sequence
 
 import jax
@@ -101,7 +102,12 @@ def score(cfg: ModelConfig, params: Any, seqs: Sequence[list[int]], *,
           batch_size: int = 8) -> list[list[float | None]]:
   order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
   out: list[list[float | None]] = [[] for _ in seqs]
+  t0 = last = time.time()
   for start in range(0, len(order), batch_size):
+    if time.time() - last > 10:  # progress on long files
+      last = time.time()
+      print(f'glm score: {start}/{len(seqs)} sequences, '
+            f'{last - t0:.0f}s', file=sys.stderr, flush=True)
     idx = order[start:start + batch_size]
     length = _bucket(max(len(seqs[i]) for i in idx), cfg.max_len)
     tokens = np.zeros((batch_size, length), np.int32)

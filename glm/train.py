@@ -198,7 +198,10 @@ def train(*, workdir: str,
   metrics_path = os.path.join(workdir, 'metrics.jsonl')
   t_start = time.time()
   t_last, step_last = t_start, start
-  loss = float('nan')
+  loss = None
+  if start >= train_steps:
+    print(f'glm train: already at step {start} of {train_steps}; evaluating '
+          'only.', flush=True)
   for step in range(start, train_steps):
     batch = {k: jnp.asarray(v) for k, v in train_data.batch(step).items()}
     params, opt_state, m = train_step(params, opt_state, batch)
@@ -216,10 +219,13 @@ def train(*, workdir: str,
              'grad_norm': float(m['grad_norm']), 'step_time_s': dt,
              'tokens_per_s': batch_size * seq_len / dt if dt > 0 else 0.0}
       _append_jsonl(metrics_path, row)
-      eta = _fmt_eta(dt * (train_steps - done))
+      if done == start + 1:  # the first step includes compilation
+        progress = f'compiled and ran the first step in {dt:.1f}s'
+      else:
+        progress = (f'{row["tokens_per_s"]:,.0f} tok/s  ETA '
+                    f'{_fmt_eta(dt * (train_steps - done))}')
       print(f'step {done:>6}/{train_steps}  loss {loss:.4f}  lr '
-            f'{row["lr"]:.2e}  {row["tokens_per_s"]:,.0f} tok/s  ETA {eta}',
-            flush=True)
+            f'{row["lr"]:.2e}  {progress}', flush=True)
     if done % checkpoint_every == 0 or done == train_steps:
       manager.save(done, args=ocp.args.StandardSave(
           {'params': params, 'opt_state': opt_state}))

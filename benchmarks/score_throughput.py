@@ -1,0 +1,119 @@
+"""Scoring (forward pass) throughput: glm vs Hugging Face transformers BLOOM.
+
+Both score the same randomly initialised BLOOM (converted with glm's
+hf_bloom) on the same batch, in float32 on the CPU, in one process. Prints a
+table and writes JSON with tokens/s of each, their ratio, the max |log-prob|
+difference, and glm's achieved FLOP/s as a fraction of a matmul ceiling
+measured in the same process.
+
+  .venv/bin/python benchmarks/score_throughput.py [--hidden 256 --layers 4 ...]
+
+Defaults follow DESIGN.md's yardstick shape: vocab 8192, hidden 256, 4 layers,
+8 heads, batch 8 x 256.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+import transformers
+
+from glm import hf_bloom
+from glm import model_info
+from glm import scoring
+
+
+def _time(fn, repeats: int) -> float:
+  fn()  # warm-up / compile
+  t = time.perf_counter()
+  for _ in range(repeats):
+    fn()
+  return (time.perf_counter() - t) / repeats
+
+
+def matmul_ceiling(n: int = 2048, repeats: int = 5) -> float:
+  a = jnp.ones((n, n), jnp.float32)
+  f = jax.jit(lambda a: a @ a)
+  dt = _time(lambda: f(a).block_until_ready(), repeats)
+  return 2 * n ** 3 / dt
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument('--vocab', type=int, default=8192)
+  p.add_argument('--hidden', type=int, default=256)
+  p.add_argument('--layers', type=int, default=4)
+  p.add_argument('--heads', type=int, default=8)
+  p.add_argument('--batch', type=int, default=8)
+  p.add_argument('--seq_len', type=int, default=256)
+  p.add_argument('--repeats', type=int, default=5)
+  p.add_argument('--out', default=os.path.join(
+      os.path.dirname(os.path.abspath(__file__)), 'results',
+      'score_throughput.json'))
+  args = p.parse_args()
+
+  torch.manual_seed(0)
+  hf_cfg = transformers.BloomConfig(vocab_size=args.vocab,
+                                    hidden_size=args.hidden,
+                                    n_layer=args.layers, n_head=args.heads)
+  hf_model = transformers.BloomForCausalLM(hf_cfg).eval()
+  with tempfile.TemporaryDirectory() as d:
+    hf_model.save_pretrained(d)
+    cfg, params, _ = hf_bloom.hf_to_glm(d)
+  params = jax.tree.map(jnp.asarray, params)
+
+  rng = np.random.RandomState(0)
+  tokens = rng.randint(0, args.vocab, (args.batch, args.seq_len)).astype(
+      np.int32)
+  segs = np.ones_like(tokens)
+  n_tokens = tokens.size
+
+  glm_lp = lambda: scoring._token_logprobs(  # pylint: disable=protected-access
+      cfg, params, tokens, segs).block_until_ready()
+  t_glm = _time(glm_lp, args.repeats)
+
+  tt = torch.from_numpy(tokens.astype(np.int64))
+
+  def hf_lp():
+    with torch.no_grad():
+      logp = torch.log_softmax(hf_model(tt).logits[:, :-1].float(), -1)
+      return logp.gather(-1, tt[:, 1:, None])[..., 0]
+  t_hf = _time(hf_lp, args.repeats)
+
+  diff = float(np.abs(np.asarray(glm_lp()) - hf_lp().numpy()).max())
+  flops = model_info.info(cfg, args.seq_len)['forward_flops_per_token']
+  ceiling = matmul_ceiling()
+  rows = {
+      'glm_tokens_per_s': n_tokens / t_glm,
+      'hf_tokens_per_s': n_tokens / t_hf,
+      'glm_over_hf': t_hf / t_glm,
+      'glm_flops_per_s': flops * n_tokens / t_glm,
+      'matmul_ceiling_flops_per_s': ceiling,
+      'glm_fraction_of_ceiling': flops * n_tokens / t_glm / ceiling,
+      'max_abs_logprob_diff': diff,
+      'shape': vars(args) | {'out': None},
+      'devices': [str(d) for d in jax.devices()],
+      'torch_threads': torch.get_num_threads(),
+  }
+  print(f'{"metric":<28}{"value":>16}')
+  for k in ('glm_tokens_per_s', 'hf_tokens_per_s', 'glm_over_hf',
+            'glm_flops_per_s', 'matmul_ceiling_flops_per_s',
+            'glm_fraction_of_ceiling', 'max_abs_logprob_diff'):
+    v = rows[k]
+    print(f'{k:<28}{v:>16.4g}')
+  os.makedirs(os.path.dirname(args.out), exist_ok=True)
+  with open(args.out, 'w') as f:
+    json.dump(rows, f, indent=2)
+  print(f'wrote {args.out}')
+
+
+if __name__ == '__main__':
+  main()
