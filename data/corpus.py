@@ -1,35 +1,47 @@
-"""Builds the default text corpus from text that ships on the machine.
+"""Builds the default text corpus (a miniature ROOTS) from the machine's text.
 
-Two sources, both present on a stock Debian/Ubuntu machine with Python:
+Three sources, all present on a stock Debian/Ubuntu machine with Python:
 
 * `manpages`: gzipped troff manual pages under /usr/share/man, English from
   `manN/` and translations from `<lang>/manN/` (`de`, `fr`, `pt_BR` -> `pt-BR`,
   ...), converted to plain prose by `troff.troff_to_text`.
 * `python-docstrings`: module, class and function docstrings of the Python
   standard library, one document per module, read with `ast` (no imports).
+* `python-code`: the standard library's `.py` sources themselves, language
+  'code', each cut at a line break to at most `_MAX_CODE_BYTES`.
+
+The recipe, in order (ROOTS / BLOOM):
+  1. read at most `max_docs_per_source` documents per source, shared over its
+     languages in proportion to (files in that language)**0.5, taken
+     round-robin over page / package families in an order fixed by `seed`;
+  2. `dedup.deduplicate`: exact (normalised text) then MinHash-LSH near
+     duplicates at Jaccard >= `dedup_threshold`, the first copy kept;
+  3. `redact.redact_documents`: e-mail, IP and phone numbers -> placeholders;
+  4. a train / valid split by a hash of the id (~5%, plus a floor of held-out
+     text for every language with enough documents);
+  5. `sampling.sample_by_language` on the train split only: languages
+     resampled to p_l ~ bytes_l**`lang_alpha` (downsampled by a seeded prefix,
+     upsampled by repeating documents, at most `max_repeat` copies).
 
 `build_corpus` writes, into one directory that appears atomically:
 
   train.jsonl     one JSON document per line: {"id", "lang", "source", "path",
-                  "text"}, in a seeded order;
-  valid.jsonl     the same for the held-out ~5% (chosen by a hash of the id);
+                  "text"}, in a seeded order (a repeated copy has id `<id>#k`);
+  valid.jsonl     the same for the held-out documents (never resampled);
   manifest.json   recipe version, build config, every source file used with
-                  its sha256, and per-split document / byte counts per language.
+                  its sha256, per-split document / byte counts per language,
+                  and the dedup, redaction and sampling statistics.
 
 The build is deterministic: the same machine files and arguments give
 byte-identical outputs (the manifest records output hashes to check this).
-At most `max_docs_per_source` documents are kept per source, shared over its
-languages in proportion to (files in that language)**0.5, and taken
-round-robin over page / package families in an order fixed by `seed`. The
-default (400) gives ~4 MB of text in 26 languages, about 75% English, in a few
-seconds.
+The defaults give ~5 MB in 26 languages plus code in ~15 s on 2 cores.
 
 Usage:
   manifest = corpus.ensure_corpus('/tmp/glm_data/corpus')
   for doc in corpus.iter_documents('/tmp/glm_data/corpus', 'train'): ...
 """
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 import ast
 import collections
 import dataclasses
@@ -39,20 +51,45 @@ import json
 import os
 import re
 import shutil
+import sys
 import sysconfig
 import tempfile
+import types
 import warnings
 
+from glm.data import dedup
+from glm.data import redact
+from glm.data import sampling
 from glm.data import troff
 
 # Bump whenever the documents produced for the same inputs would change.
-RECIPE_VERSION = 'glm-corpus-v1'
+RECIPE_VERSION = 'glm-corpus-v2'
 DEFAULT_MAN_ROOT = '/usr/share/man'
-DEFAULT_MAX_DOCS_PER_SOURCE = 400
+# Documents read per source (an int applies to every source). Translations
+# are few (~1,300 pages in 25 languages), so manual pages get the largest
+# budget and `_READ_ALPHA` spreads it towards the small languages.
+DEFAULT_MAX_DOCS_PER_SOURCE = types.MappingProxyType(
+    {'manpages': 640, 'python-docstrings': 120, 'python-code': 160})
+DEFAULT_LANG_ALPHA = sampling.DEFAULT_ALPHA
+DEFAULT_MAX_REPEAT = sampling.DEFAULT_MAX_REPEAT
+DEFAULT_DEDUP_THRESHOLD = dedup.DEFAULT_THRESHOLD
+# A code document is cut at the last line break before this many bytes.
+_MAX_CODE_BYTES = 6144
+# Fewer manual-page languages than this under the default root is warned
+# about, with the packages that add them.
+_MIN_MAN_LANGS = 8
+_TRANSLATION_PACKAGES = ('manpages-de manpages-fr manpages-es manpages-it '
+                         'manpages-pl manpages-ru manpages-uk manpages-ja '
+                         'manpages-zh manpages-pt-br')
+# Languages with at least this many documents get held-out documents up to
+# this many characters (see `_split_documents`).
+_MIN_DOCS_FOR_VALID = 5
+_MIN_VALID_CHARS = 4000
 # Exponent of the per-language share of a source's document cap (see
-# `_language_quotas`); 0.5 keeps English the largest language of the default
-# corpus while every installed translation still contributes.
-_LANG_ALPHA = 0.5
+# `_language_quotas`): a reading budget, flat enough that every installed
+# translation contributes a few dozen pages. The training mix is set later by
+# `sampling` with `lang_alpha`.
+_READ_ALPHA = 0.3
 SPLITS = ('train', 'valid')
 MANIFEST_NAME = 'manifest.json'
 # A document is held out when the first 32 bits of sha256(salt + id), taken
@@ -155,7 +192,8 @@ _STDLIB_SKIP_DIRS = frozenset(
      '__pycache__'])
 
 
-def _list_stdlib_modules(root: str) -> list[SourceFile]:
+def _list_stdlib_modules(root: str, source: str = 'python-docstrings',
+                         lang: str = 'en') -> list[SourceFile]:
   """The standard library's `.py` files, without test suites."""
   files = []
   for dirpath, dirnames, filenames in os.walk(root):
@@ -165,9 +203,38 @@ def _list_stdlib_modules(root: str) -> list[SourceFile]:
       if filename.endswith('.py'):
         relpath = os.path.relpath(os.path.join(dirpath, filename), root)
         family = relpath.split(os.sep)[0].removesuffix('.py')
-        files.append(SourceFile('python-docstrings', 'en', root, relpath,
-                                 family))
+        files.append(SourceFile(source, lang, root, relpath, family))
   return files
+
+
+def _list_stdlib_code(root: str) -> list[SourceFile]:
+  return _list_stdlib_modules(root, source='python-code', lang='code')
+
+
+def _parse_python(source: bytes, path: str) -> ast.Module | None:
+  """The module's syntax tree, or None when it does not parse."""
+  try:
+    with warnings.catch_warnings():  # Invalid escapes in old modules, etc.
+      warnings.simplefilter('ignore')
+      return ast.parse(source, filename=path)
+  except (SyntaxError, ValueError):
+    return None  # Test fixtures with deliberately broken or Python 2 syntax.
+
+
+def _read_stdlib_code(file: SourceFile) -> str:
+  """A module's source, cut at a line break to <= `_MAX_CODE_BYTES`.
+
+  Modules that do not parse as Python 3 are skipped ('').
+  """
+  with open(file.path, 'rb') as f:
+    source = f.read()
+  if _parse_python(source, file.path) is None:
+    return ''
+  text = source.decode('utf-8', 'replace')
+  if len(source) > _MAX_CODE_BYTES:
+    head = source[:_MAX_CODE_BYTES]
+    text = head[:head.rfind(b'\n') + 1].decode('utf-8', 'replace')
+  return text
 
 
 def _definition_header(node: ast.AST, qualname: str) -> str:
@@ -200,12 +267,9 @@ def _read_stdlib_docstrings(file: SourceFile) -> str:
   """The module, class and function docstrings of one module as one text."""
   with open(file.path, 'rb') as f:
     source = f.read()
-  try:
-    with warnings.catch_warnings():  # Invalid escapes in old modules, etc.
-      warnings.simplefilter('ignore')
-      tree = ast.parse(source, filename=file.path)
-  except (SyntaxError, ValueError):
-    return ''  # Test fixtures with deliberately broken or Python 2 syntax.
+  tree = _parse_python(source, file.path)
+  if tree is None:
+    return ''
   module = file.relpath[:-len('.py')].replace(os.sep, '.')
   module = module.removesuffix('.__init__')
   parts = []
@@ -222,6 +286,9 @@ def default_sources(man_root: str | None = None,
                     stdlib_root: str | None = None) -> tuple[Source, ...]:
   """The sources of the default corpus, with roots overridable for tests."""
   version = sysconfig.get_python_version()
+  stdlib_root = stdlib_root or sysconfig.get_paths()['stdlib']
+  stdlib_hint = (f'apt-get install libpython{version}-stdlib, or use a Python '
+                 'that ships its standard library as .py sources')
   return (
       Source(
           name='manpages',
@@ -233,12 +300,16 @@ def default_sources(man_root: str | None = None,
                         'run `unminimize` first)')),
       Source(
           name='python-docstrings',
-          root=stdlib_root or sysconfig.get_paths()['stdlib'],
+          root=stdlib_root,
           list_files=_list_stdlib_modules,
           read_text=_read_stdlib_docstrings,
-          install_hint=(f'apt-get install libpython{version}-stdlib, or use '
-                        'a Python that ships its standard library as .py '
-                        'sources')),
+          install_hint=stdlib_hint),
+      Source(
+          name='python-code',
+          root=stdlib_root,
+          list_files=_list_stdlib_code,
+          read_text=_read_stdlib_code,
+          install_hint=stdlib_hint),
   )
 
 
@@ -313,22 +384,21 @@ def _round_robin_by_family(files: Sequence[SourceFile],
   return [file for _, file in sorted(ranked, key=lambda item: item[0])]
 
 
-def _select_documents(source: Source, max_docs: int, seed: int,
-                      seen_texts: set[str]) -> list[dict[str, str]]:
+def _select_documents(source: Source, max_docs: int,
+                      seed: int) -> list[dict[str, str]]:
   """Reads up to `max_docs` non-empty documents of a source.
 
   The cap is shared over languages by `_language_quotas`. Within a language,
   candidates are visited round-robin over families (one `git-*` page, one
   `gcloud_*` page, ..., then second ones), each in an order fixed by `seed`,
   so a cap picks a spread of the source rather than its largest family or its
-  alphabetical head. Documents whose text exactly repeats an earlier one are
-  skipped.
+  alphabetical head. Duplicates are left to `dedup` (so they are counted).
   """
   by_lang = collections.defaultdict(list)
   for file in source.list_files(source.root):
     by_lang[file.lang].append(file)
   quotas = _language_quotas({lang: len(files) for lang, files in
-                             by_lang.items()}, max_docs, _LANG_ALPHA)
+                             by_lang.items()}, max_docs, _READ_ALPHA)
   documents = []
   for lang, quota in quotas.items():
     kept = 0
@@ -338,10 +408,8 @@ def _select_documents(source: Source, max_docs: int, seed: int,
       # 'replace' turns lone surrogates (escapes in docstrings) into '?', as
       # they cannot be written as UTF-8.
       text = source.read_text(file).encode('utf-8', 'replace').decode().strip()
-      text_hash = _sha256(text.encode())
-      if not text or text_hash in seen_texts:
+      if not text:
         continue
-      seen_texts.add(text_hash)
       documents.append(dict(id=file.doc_id, lang=lang, source=source.name,
                             path=file.path, text=text))
       kept += 1
@@ -350,16 +418,36 @@ def _select_documents(source: Source, max_docs: int, seed: int,
 
 def _split_documents(
     documents: list[dict[str, str]]) -> dict[str, list[dict[str, str]]]:
-  """Train/valid split by id hash; valid gets >= 1 doc when there are >= 2."""
+  """Train/valid split by id hash, with a held-out floor.
+
+  Valid gets >= 1 document when there are >= 2. Every language with >=
+  `_MIN_DOCS_FOR_VALID` documents gets held-out documents until it has
+  `_MIN_VALID_CHARS` characters, but at most a fifth of its documents (so
+  per-language held-out measures, such as tokenizer fertility, exist for all
+  but the smallest languages). Extra documents are taken in hash order.
+  """
   splits = {'train': [], 'valid': []}
   for doc in documents:
     splits['valid' if is_valid_id(doc['id']) else 'train'].append(doc)
-  if len(documents) >= 2 and not splits['valid']:
+  valid_key = lambda d: _sha256((_VALID_SALT + d['id']).encode())
+  langs = collections.Counter(d['lang'] for d in documents)
+  moved = set()
+  for lang in sorted(langs):
+    if langs[lang] < _MIN_DOCS_FOR_VALID:
+      continue
+    held = [d for d in splits['valid'] if d['lang'] == lang]
+    chars, count = sum(len(d['text']) for d in held), len(held)
+    for doc in sorted((d for d in splits['train'] if d['lang'] == lang),
+                      key=valid_key):
+      if (chars >= _MIN_VALID_CHARS and count) or count >= langs[lang] // 5:
+        break
+      moved.add(doc['id'])
+      chars, count = chars + len(doc['text']), count + 1
+  if len(documents) >= 2 and not splits['valid'] and not moved:
     # Tiny corpora: hold out the document whose hash is closest to the cut.
-    doc = min(splits['train'],
-              key=lambda d: _sha256((_VALID_SALT + d['id']).encode()))
-    splits['train'].remove(doc)
-    splits['valid'].append(doc)
+    moved.add(min(splits['train'], key=valid_key)['id'])
+  splits['valid'] += [d for d in splits['train'] if d['id'] in moved]
+  splits['train'] = [d for d in splits['train'] if d['id'] not in moved]
   return splits
 
 
@@ -381,12 +469,16 @@ def _split_stats(documents: Sequence[dict[str, str]]) -> dict[str, object]:
 
 def _build_manifest(config: dict[str, object], sources: Sequence[Source],
                     splits: dict[str, list[dict[str, str]]], out_dir: str,
-                    missing: Sequence[str]) -> dict[str, object]:
-  """The manifest: recipe, config, source files with hashes, split stats."""
-  used = collections.defaultdict(list)
+                    missing: Sequence[str],
+                    stats: dict[str, object]) -> dict[str, object]:
+  """The manifest: recipe, config, source files with hashes, split stats.
+
+  `stats` (dedup, redaction, sampling) is recorded as given.
+  """
+  used = collections.defaultdict(set)
   for docs in splits.values():
     for doc in docs:
-      used[doc['source']].append(doc['path'])
+      used[doc['source']].add(doc['path'])
   source_entries = {}
   for source in sources:
     files = []
@@ -404,7 +496,7 @@ def _build_manifest(config: dict[str, object], sources: Sequence[Source],
         **_split_stats(docs)}
   return {'recipe': RECIPE_VERSION, 'config': config,
           'sources': source_entries, 'splits': split_entries,
-          'missing_sources': list(missing)}
+          'missing_sources': list(missing), **stats}
 
 
 def _replace_dir_atomically(build: Callable[[str], None], out_dir: str) -> None:
@@ -439,26 +531,81 @@ def _replace_dir_atomically(build: Callable[[str], None], out_dir: str) -> None:
     shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
-def _build_config(max_docs_per_source: int, seed: int,
-                  sources: Sequence[Source]) -> dict[str, object]:
+MaxDocs = int | Mapping[str, int]
+
+
+def _source_budgets(max_docs_per_source: MaxDocs,
+                    sources: Sequence[Source]) -> dict[str, int]:
+  """{source name: documents to read} from an int or a per-source mapping."""
+  if isinstance(max_docs_per_source, int):
+    return {s.name: max_docs_per_source for s in sources}
+  unknown = set(max_docs_per_source) - {s.name for s in sources}
+  if unknown:
+    raise ValueError(f'max_docs_per_source names unknown sources '
+                     f'{sorted(unknown)}; use {[s.name for s in sources]}.')
+  return {s.name: int(max_docs_per_source.get(s.name, 0)) for s in sources}
+
+
+def _build_config(max_docs_per_source: MaxDocs, seed: int,
+                  sources: Sequence[Source], lang_alpha: float,
+                  max_repeat: int,
+                  dedup_threshold: float) -> dict[str, object]:
   """What a build depends on besides the recipe and the files themselves."""
-  return {'max_docs_per_source': max_docs_per_source, 'seed': seed,
-          'roots': {s.name: s.root for s in sources}}
+  if not 0.0 < dedup_threshold <= 1.0:
+    raise ValueError(f'{dedup_threshold=} must be in (0, 1] (a Jaccard '
+                     f'similarity; default {DEFAULT_DEDUP_THRESHOLD}).')
+  if lang_alpha < 0 or max_repeat < 1:
+    raise ValueError(f'{lang_alpha=} must be >= 0 and {max_repeat=} >= 1 '
+                     f'(defaults {DEFAULT_LANG_ALPHA}, {DEFAULT_MAX_REPEAT}).')
+  return {'max_docs_per_source': _source_budgets(max_docs_per_source, sources),
+          'seed': seed,
+          'roots': {s.name: s.root for s in sources},
+          'lang_alpha': lang_alpha, 'max_repeat': max_repeat,
+          'dedup_threshold': dedup_threshold}
+
+
+def _clean_and_split(
+    documents: list[dict[str, str]], *, seed: int, lang_alpha: float,
+    max_repeat: int, dedup_threshold: float,
+) -> tuple[dict[str, list[dict[str, str]]], dict[str, object]]:
+  """Steps 2-5 of the recipe: dedup, redact, split, resample train."""
+  documents, dedup_stats = dedup.deduplicate(
+      documents, threshold=dedup_threshold, seed=seed)
+  documents, redaction_stats = redact.redact_documents(documents)
+  splits = _split_documents(documents)
+  splits['train'], sampling_stats = sampling.sample_by_language(
+      splits['train'], alpha=lang_alpha, max_repeat=max_repeat, seed=seed)
+  for split, docs in splits.items():
+    docs.sort(key=lambda d: _order_key(seed, d['id']))
+  return splits, {'dedup': dedup_stats, 'redaction': redaction_stats,
+                  'sampling': sampling_stats}
 
 
 def build_corpus(out_dir: str, *,
-                 max_docs_per_source: int = DEFAULT_MAX_DOCS_PER_SOURCE,
+                 max_docs_per_source: MaxDocs = DEFAULT_MAX_DOCS_PER_SOURCE,
                  seed: int = 0,
                  man_root: str | None = None,
-                 stdlib_root: str | None = None) -> dict[str, object]:
+                 stdlib_root: str | None = None,
+                 lang_alpha: float = DEFAULT_LANG_ALPHA,
+                 max_repeat: int = DEFAULT_MAX_REPEAT,
+                 dedup_threshold: float = DEFAULT_DEDUP_THRESHOLD,
+                 ) -> dict[str, object]:
   """Builds the corpus into `out_dir` (replacing it atomically).
 
   Args:
     out_dir: the corpus directory to (re)create.
-    max_docs_per_source: documents kept per source, shared over its languages.
-    seed: fixes which documents a cap keeps and their order in the files.
+    max_docs_per_source: documents read per source, shared over its
+      languages (before deduplication): an int for every source or
+      {source name: n} (a source left out is not read).
+    seed: fixes which documents a cap keeps, the resampling and the order in
+      the files.
     man_root: manual pages root (default /usr/share/man).
     stdlib_root: Python standard library root (default: this Python's).
+    lang_alpha: language sampling exponent of the train split (1 keeps the
+      natural mix; see `sampling`).
+    max_repeat: the most copies of one language's train text.
+    dedup_threshold: Jaccard similarity from which documents are near
+      duplicates.
 
   Returns:
     The manifest that was written to `out_dir/manifest.json`.
@@ -467,32 +614,42 @@ def build_corpus(out_dir: str, *,
     FileNotFoundError: when no source yields any document.
   """
   sources = default_sources(man_root, stdlib_root)
-  config = _build_config(max_docs_per_source, seed, sources)
-  documents, missing, seen_texts = [], [], set()
+  config = _build_config(max_docs_per_source, seed, sources, lang_alpha,
+                         max_repeat, dedup_threshold)
+  documents, missing = [], []
   for source in sources:
-    docs = _select_documents(source, max_docs_per_source, seed, seen_texts)
+    budget = config['max_docs_per_source'][source.name]
+    if budget <= 0:
+      continue
+    docs = _select_documents(source, budget, seed)
+    langs = sorted({d['lang'] for d in docs})
     if not docs:
       missing.append(source.name)
       warnings.warn(f'glm.data: no {source.name} text found under '
                     f'{source.root}; install it with: {source.install_hint}')
-    elif source.name == 'manpages' and {d['lang'] for d in docs} == {'en'}:
-      warnings.warn(f'glm.data: only English manual pages under {source.root}'
-                    '; for other languages: apt-get install manpages-de '
-                    'manpages-fr manpages-es manpages-ru')
+    elif (source.name == 'manpages' and source.root == DEFAULT_MAN_ROOT
+          and len(langs) < _MIN_MAN_LANGS):
+      warnings.warn(
+          f'glm.data: manual pages under {source.root} cover only {langs}; '
+          f'for >= {_MIN_MAN_LANGS} languages in Latin, Cyrillic and CJK '
+          f'scripts: apt-get install {_TRANSLATION_PACKAGES} (on a minimized '
+          'Docker image run `unminimize` first)')
     documents.extend(docs)
   if not documents:
     roots = ', '.join(f'{s.name} under {s.root}' for s in sources)
     raise FileNotFoundError(
         f'glm.data: no source text found ({roots}); install it (see the '
         'warnings above) or pass man_root=/stdlib_root= to build_corpus.')
-  documents.sort(key=lambda d: _order_key(seed, d['id']))
-  splits = _split_documents(documents)
+  splits, stats = _clean_and_split(
+      documents, seed=seed, lang_alpha=lang_alpha, max_repeat=max_repeat,
+      dedup_threshold=dedup_threshold)
   manifest = {}
 
   def write(tmp_dir: str) -> None:
     for split, docs in splits.items():
       _write_jsonl(os.path.join(tmp_dir, f'{split}.jsonl'), docs)
-    manifest.update(_build_manifest(config, sources, splits, tmp_dir, missing))
+    manifest.update(_build_manifest(config, sources, splits, tmp_dir, missing,
+                                    stats))
     _write_manifest(tmp_dir, manifest)
 
   _replace_dir_atomically(write, out_dir)
@@ -521,24 +678,31 @@ def manifest_sha256(corpus_dir: str) -> str:
 
 
 def ensure_corpus(out_dir: str, *,
-                  max_docs_per_source: int = DEFAULT_MAX_DOCS_PER_SOURCE,
+                  max_docs_per_source: MaxDocs = DEFAULT_MAX_DOCS_PER_SOURCE,
                   seed: int = 0,
                   man_root: str | None = None,
-                  stdlib_root: str | None = None) -> dict[str, object]:
+                  stdlib_root: str | None = None,
+                  lang_alpha: float = DEFAULT_LANG_ALPHA,
+                  max_repeat: int = DEFAULT_MAX_REPEAT,
+                  dedup_threshold: float = DEFAULT_DEDUP_THRESHOLD,
+                  ) -> dict[str, object]:
   """Builds the corpus unless an up-to-date one is already in `out_dir`.
 
   Up to date means a manifest with the current `RECIPE_VERSION` and the same
-  build config (`max_docs_per_source`, `seed`, source roots). Arguments are
-  those of `build_corpus`.
+  build config (`max_docs_per_source`, `seed`, source roots, sampling and
+  dedup settings). Arguments are those of `build_corpus`.
 
   Returns:
     The manifest of the corpus in `out_dir`.
   """
   kwargs = dict(max_docs_per_source=max_docs_per_source, seed=seed,
-                man_root=man_root, stdlib_root=stdlib_root)
+                man_root=man_root, stdlib_root=stdlib_root,
+                lang_alpha=lang_alpha, max_repeat=max_repeat,
+                dedup_threshold=dedup_threshold)
   manifest = read_manifest(out_dir)
   config = _build_config(max_docs_per_source, seed,
-                         default_sources(man_root, stdlib_root))
+                         default_sources(man_root, stdlib_root), lang_alpha,
+                         max_repeat, dedup_threshold)
   if manifest is None:
     reason = 'no manifest'
   elif manifest.get('recipe') != RECIPE_VERSION:
@@ -548,13 +712,17 @@ def ensure_corpus(out_dir: str, *,
   else:
     docs = sum(s['docs'] for s in manifest['splits'].values())
     print(f'glm.data: corpus {out_dir} is up to date ({RECIPE_VERSION}, '
-          f'{docs} documents).', flush=True)
+          f'{docs} documents).', file=sys.stderr, flush=True)
     return manifest
-  print(f'glm.data: building corpus {out_dir} ({reason}) ...', flush=True)
+  print(f'glm.data: building corpus {out_dir} ({reason}) ...',
+        file=sys.stderr, flush=True)
   manifest = build_corpus(out_dir, **kwargs)
   stats = {split: f"{s['docs']} docs / {s['bytes'] / 1e6:.2f} MB"
            for split, s in manifest['splits'].items()}
-  print(f'glm.data: wrote corpus {out_dir}: {stats}', flush=True)
+  removed = {k: sum(v.values()) for k, v in manifest['dedup']['removed'].items()}
+  redacted = {k: sum(v.values()) for k, v in manifest['redaction'].items()}
+  print(f'glm.data: wrote corpus {out_dir}: {stats}; dedup removed '
+        f'{removed}; redacted {redacted}.', file=sys.stderr, flush=True)
   return manifest
 
 

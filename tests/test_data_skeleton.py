@@ -163,8 +163,11 @@ def _make_sources(root: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope='module')
-def sources(tmp_path_factory) -> dict[str, str]:
-  return _make_sources(str(tmp_path_factory.mktemp('sources')))
+def sources(tmp_path_factory) -> dict[str, object]:
+  # Build arguments: the fake roots, and the natural language mix (alpha 1
+  # keeps every train document once); tests/test_corpus.py covers sampling.
+  return {**_make_sources(str(tmp_path_factory.mktemp('sources'))),
+          'lang_alpha': 1.0}
 
 
 @pytest.fixture(scope='module')
@@ -190,8 +193,12 @@ def test_build_corpus_documents(corpus_dir):
   assert not {'manpages/man1/alias.1.gz', 'manpages/man1/stub.1.gz',
               'python-docstrings/no_docs.py', 'python-docstrings/broken.py',
               'python-docstrings/test/test_mod.py'} & ids
-  assert len(docs) == 21 + 7
-  assert {d['lang'] for d in docs} == {'en', 'de', 'ru', 'zh-CN', 'ja'}
+  # 21 pages, 7 docstring modules, 8 code modules (no_docs.py included).
+  assert len(docs) == 21 + 7 + 8
+  assert 'python-code/no_docs.py' in ids
+  assert 'python-code/broken.py' not in ids  # Does not parse.
+  assert {d['lang'] for d in docs} == {'en', 'de', 'ru', 'zh-CN', 'ja',
+                                       'code'}
   for doc in docs:
     assert set(doc) == {'id', 'lang', 'source', 'path', 'text'}
     assert doc['text'].strip() and '\\f' not in doc['text']
@@ -214,7 +221,7 @@ def test_build_corpus_is_deterministic(sources, corpus_dir, tmp_path):
   manifest = corpus.read_manifest(other)
   assert manifest['recipe'] == corpus.RECIPE_VERSION
   counts = manifest['splits']
-  assert counts['train']['docs'] + counts['valid']['docs'] == 28
+  assert counts['train']['docs'] + counts['valid']['docs'] == 36
   assert counts['train']['langs']['de']['docs'] + counts['valid']['langs'].get(
       'de', {'docs': 0})['docs'] == 4
   files = manifest['sources']['manpages']['files']
@@ -228,7 +235,7 @@ def test_seed_changes_selection_order(sources, tmp_path):
   b = corpus.build_corpus(str(tmp_path / 'b'), max_docs_per_source=5,
                           seed=1, **sources)
   assert a['splits']['train']['sha256'] != b['splits']['train']['sha256']
-  assert sum(s['docs'] for s in a['splits'].values()) == 10  # 5 per source
+  assert sum(s['docs'] for s in a['splits'].values()) == 15  # 5 per source
 
 
 def test_language_quotas_flatten_and_fill_the_cap():
@@ -265,12 +272,12 @@ def test_ensure_corpus_rebuilds_only_when_stale(sources, tmp_path, capsys,
                                                 monkeypatch):
   out = str(tmp_path / 'corpus')
   corpus.ensure_corpus(out, **sources)
-  assert 'building corpus' in capsys.readouterr().out
+  assert 'building corpus' in capsys.readouterr().err
   corpus.ensure_corpus(out, **sources)
-  assert 'up to date' in capsys.readouterr().out
+  assert 'up to date' in capsys.readouterr().err
   monkeypatch.setattr(corpus, 'RECIPE_VERSION', 'glm-corpus-test')
   corpus.ensure_corpus(out, **sources)
-  assert 'building corpus' in capsys.readouterr().out
+  assert 'building corpus' in capsys.readouterr().err
   assert corpus.read_manifest(out)['recipe'] == 'glm-corpus-test'
 
 
@@ -348,16 +355,16 @@ def test_ensure_tokenizer_retrains_only_when_stale(corpus_dir, tmp_path,
                                                    capsys):
   prefix = str(tmp_path / 'spm')
   tokenizer.ensure_tokenizer(corpus_dir, prefix, vocab_size=_VOCAB)
-  assert 'training tokenizer' in capsys.readouterr().out
+  assert 'training tokenizer' in capsys.readouterr().err
   tokenizer.ensure_tokenizer(corpus_dir, prefix, vocab_size=_VOCAB)
-  assert 'up to date' in capsys.readouterr().out
+  assert 'up to date' in capsys.readouterr().err
   with open(prefix + '.json') as f:
     sidecar = json.load(f)
   sidecar['corpus_manifest_sha256'] = '0' * 64  # As if the corpus changed.
   with open(prefix + '.json', 'w') as f:
     json.dump(sidecar, f)
   tokenizer.ensure_tokenizer(corpus_dir, prefix, vocab_size=_VOCAB)
-  assert 'training tokenizer' in capsys.readouterr().out
+  assert 'training tokenizer' in capsys.readouterr().err
   assert sorted(os.listdir(tmp_path)) == ['spm.json', 'spm.model',
                                           'spm.vocab']
 
