@@ -28,6 +28,7 @@ Usage:
 
 import hashlib
 import os
+import sys
 import tempfile
 
 import numpy as np
@@ -91,7 +92,7 @@ def load_token_stream(corpus_dir: str, tok: tokenizer_lib.Tokenizer,
     if os.path.exists(tmp_path):
       os.remove(tmp_path)
   print(f'glm.data: cached {split} stream ({stream.size} tokens) at {path}',
-        flush=True)
+        file=sys.stderr, flush=True)
   return stream
 
 

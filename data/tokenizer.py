@@ -29,6 +29,7 @@ import io
 import json
 import os
 import re
+import sys
 import tempfile
 
 import sentencepiece as spm
@@ -209,11 +210,12 @@ def ensure_tokenizer(corpus_dir: str, out_prefix: str, *,
   if (found is not None and os.path.exists(model_path)
       and all(found.get(k) == v for k, v in expected.items())
       and found.get('model_sha256') == _file_sha256(model_path)):
-    print(f'glm.data: tokenizer {model_path} is up to date.', flush=True)
+    print(f'glm.data: tokenizer {model_path} is up to date.',
+          file=sys.stderr, flush=True)
     return model_path
   reason = 'missing' if found is None else 'stale'
   print(f'glm.data: training tokenizer {model_path} ({reason}, '
-        f'{vocab_size=}) ...', flush=True)
+        f'{vocab_size=}) ...', file=sys.stderr, flush=True)
   return train_tokenizer(corpus_dir, out_prefix, vocab_size=vocab_size,
                          seed=seed)
 

@@ -5,6 +5,8 @@
   glm convert hf-to-glm --hf_dir D --out C
   glm convert glm-to-hf --checkpoint C --out D
   glm score   --checkpoint C --input IN.jsonl --output OUT.jsonl
+  glm data preview --task T [--n N --seed S --seq_len T]
+  glm data card | fertility [--data_dir D]
 
 Errors in the input (a bad gin binding, a missing file, a token outside the
 vocab, ...) print one line `glm <cmd>: error: ...` and exit with status 2,
@@ -52,7 +54,47 @@ def _parser() -> argparse.ArgumentParser:
   score.add_argument('--input', required=True)
   score.add_argument('--output', required=True)
   score.add_argument('--batch_size', type=int, default=8)
+  data = sub.add_parser('data', help='inspect data: preview examples, the '
+                        'data card, the tokenizer fertility report')
+  dsub = data.add_subparsers(dest='data_command', required=True,
+                             metavar='DATA_COMMAND')
+  preview = dsub.add_parser('preview', help='print N unpacked examples of a '
+                            'task, one JSON object per line')
+  preview.add_argument('--task', required=True)
+  preview.add_argument('--n', type=int, default=3)
+  preview.add_argument('--seed', type=int, default=0)
+  preview.add_argument('--seq_len', type=int, default=128)
+  preview.add_argument('--split', default='train', choices=('train', 'valid'))
+  preview.add_argument('--data_dir', default='.cache/data')
+  for name, text in (('card', 'write and print the data card'),
+                     ('fertility', 'tokenizer fertility per language')):
+    rep = dsub.add_parser(name, help=text)
+    rep.add_argument('rest', nargs=argparse.REMAINDER)
   return p
+
+
+def _cmd_data(args, bindings) -> None:
+  del bindings
+  if args.data_command != 'preview':
+    from glm.data import report_cli  # pylint: disable=g-import-not-at-top
+    code = report_cli.main([args.data_command, *args.rest])
+    if code:
+      raise SystemExit(code)
+    return
+  from glm.data import pipeline  # pylint: disable=g-import-not-at-top
+  if args.task not in pipeline.TASKS:
+    raise ValueError(f'--task {args.task!r} is not one of {pipeline.TASKS}.')
+  if args.n < 1 or args.seq_len < 16:
+    raise ValueError(f'--n={args.n} must be >= 1 and --seq_len='
+                     f'{args.seq_len} >= 16.')
+  split = pipeline.open_split(os.path.abspath(args.data_dir), args.split,
+                              seed=0)
+  pipe = pipeline.Pipeline(split, pipeline.DataConfig.for_task(args.task),
+                           seq_len=args.seq_len, seed=args.seed)
+  for i in range(args.n):
+    record = pipeline.preview_record(pipe.example(args.task, i),
+                                     split.special)
+    print(json.dumps(record, ensure_ascii=False), flush=True)
 
 
 def _cmd_info(args, bindings) -> None:
@@ -107,7 +149,8 @@ def _cmd_score(args, bindings) -> None:
 
 
 _COMMANDS = {'info': _cmd_info, 'train': _cmd_train,
-             'convert': _cmd_convert, 'score': _cmd_score}
+             'convert': _cmd_convert, 'score': _cmd_score,
+             'data': _cmd_data}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -120,8 +163,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   bad = [b for b in bindings if '=' not in b]
   if bad:
     _parser().error(f'--gin.{bad[0]} has no value; write --gin.NAME=VALUE.')
-  name = args.command if args.command != 'convert' else (
-      f'convert {args.direction}')
+  name = {'convert': lambda: f'convert {args.direction}',
+          'data': lambda: f'data {args.data_command}'}.get(
+              args.command, lambda: args.command)()
   try:
     _COMMANDS[args.command](args, bindings)
   except (ValueError, FileNotFoundError) as e:

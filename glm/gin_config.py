@@ -18,6 +18,9 @@ import gin
 # every module that gin may bind is listed here, nowhere else.
 from glm import config as _config  # noqa: F401
 from glm import train as _train  # noqa: F401
+from glm.data import pipeline as _pipeline
+
+gin.external_configurable(_pipeline.DataConfig, 'DataConfig')
 
 
 class GinError(ValueError):
@@ -45,7 +48,6 @@ def _search_paths(gin_files: Sequence[str]) -> list[str]:
   root = configs_root()
   if root:
     paths.append(root)
-  paths.append(os.getcwd())
   return list(dict.fromkeys(paths))
 
 
@@ -56,8 +58,12 @@ def parse(gin_files: Sequence[str], bindings: Sequence[str]) -> None:
       raise GinError(f'gin file {f!r} does not exist; pass a path such as '
                      'configs/runs/default.gin.')
   gin.clear_config()
-  for p in _search_paths(gin_files):
-    gin.add_config_file_search_path(p)
+  # Our folders go before gin's default '' (the working directory): a
+  # relative include that misses there is next looked up as a Python package
+  # by gin, which fails on namespace folders such as a `runs/` workdir.
+  prefixes = gin.config._LOCATION_PREFIXES  # pylint: disable=protected-access
+  prefixes[:] = _search_paths(gin_files) + ['']
+  gin_files = [os.path.abspath(f) for f in gin_files]
   # gin logs an ERROR for every search path an include is not found under
   # before it tries the next; only a failure of all of them matters.
   root_logger = logging.getLogger()

@@ -114,16 +114,18 @@ def train(*, workdir: str,
           b2: float = 0.95,
           grad_clip: float = 1.0,
           seed: int = 0,
+          data: Any = None,
           data_dir: str = '.cache/data',
           tokenizer_vocab_size: int = 4096,
           eval_batches: int = 8,
           sample_prompt: str = 'The command',
           sample_tokens: int = 32,
           keep_checkpoints: int = 2) -> dict[str, Any]:
-  """Trains a causal LM on the default corpus; returns final metrics."""
-  from glm.data import causal_lm  # pylint: disable=g-import-not-at-top
-  from glm.data import corpus  # pylint: disable=g-import-not-at-top
-  from glm.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  """Trains on a task mixture of the default corpus; returns final metrics.
+
+  `data` is a `glm.data.pipeline.DataConfig` (default: causal LM only).
+  """
+  from glm.data import pipeline  # pylint: disable=g-import-not-at-top
 
   cfg = model_config
   for name, value in (('train_steps', train_steps), ('batch_size', batch_size),
@@ -143,30 +145,28 @@ def train(*, workdir: str,
         f'vocab {cfg.vocab_size}; set ModelConfig.vocab_size >= '
         f'{tokenizer_vocab_size}.')
 
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, 'config.gin'), 'w') as f:
-    f.write(gin.operative_config_str())
-
   # Data --------------------------------------------------------------------
-  data_dir = os.path.abspath(data_dir)
-  corpus_dir = os.path.join(data_dir, 'corpus')
-  corpus.ensure_corpus(corpus_dir)
-  tok_path = tokenizer_lib.ensure_tokenizer(
-      corpus_dir, os.path.join(data_dir, f'spm_{tokenizer_vocab_size}'),
-      vocab_size=tokenizer_vocab_size, seed=seed)
-  tok = tokenizer_lib.Tokenizer(tok_path)
+  data = data or pipeline.DataConfig()
+  train_split = pipeline.open_split(os.path.abspath(data_dir), 'train',
+                                    vocab_size=tokenizer_vocab_size, seed=seed)
+  tok = train_split.tok
+  tok_path = tok.model_path
   if tok.vocab_size > cfg.vocab_size:
     raise TrainError(f'tokenizer {tok_path} has {tok.vocab_size} ids but the '
                      f'model only {cfg.vocab_size}; raise '
                      'ModelConfig.vocab_size.')
-  train_data = causal_lm.CausalLMBatches(
-      causal_lm.load_token_stream(corpus_dir, tok, 'train'),
-      batch_size=batch_size, seq_len=seq_len, seed=seed)
-  eval_data = causal_lm.CausalLMBatches(
-      causal_lm.load_token_stream(corpus_dir, tok, 'valid'),
-      batch_size=batch_size, seq_len=seq_len, seed=seed).eval_batches(
-          eval_batches)
+  train_data = pipeline.Pipeline(train_split, data, seq_len=seq_len,
+                                 batch_size=batch_size, seed=seed)
+  valid_split = pipeline.SplitData(train_split.corpus_dir, tok, 'valid')
+  eval_data = pipeline.Pipeline(valid_split, data, seq_len=seq_len,
+                                batch_size=batch_size, seed=seed
+                                ).eval_batches(eval_batches)
+  print(f'glm train: data mixture {dict(data.mixture)}', flush=True)
+
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, 'config.gin'), 'w') as f:
+    f.write(gin.operative_config_str())
 
   # Model and optimiser -------------------------------------------------------
   opt, schedule = make_optimizer(

@@ -23,11 +23,6 @@ def glm(*args):
                         capture_output=True, text=True, cwd=ROOT)
 
 
-@pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp('data'))
-
-
 def test_train_resume_and_score(tmp_path, data_dir):
   workdir = tmp_path / 'w'
   common = ['train', '--gin_file', RUN, '--workdir', str(workdir),
@@ -79,3 +74,19 @@ def test_train_bad_input(tmp_path, data_dir, args, expect):
   assert out.returncode == 2 and len(lines) == 1, out.stderr[-2000:]
   assert expect in lines[0]
   assert not workdir.exists()
+
+
+@pytest.mark.parametrize('run', ['tiny_glm.gin', 'tiny_ul2.gin'])
+def test_objective_runs_train(tmp_path, data_dir, run):
+  """The GLM and UL2 recipes train a few steps on their objectives."""
+  workdir = tmp_path / 'w'
+  out = glm('train', '--gin_file', os.path.join(ROOT, 'configs', 'runs', run),
+            '--workdir', str(workdir), f"--gin.train.data_dir='{data_dir}'",
+            *SMALL, '--gin.TRAIN_STEPS=3', '--gin.SEQ_LEN=64',
+            '--gin.ModelConfig.num_heads=4')
+  assert out.returncode == 0, out.stderr[-3000:]
+  rows = [json.loads(l) for l in open(workdir / 'metrics.jsonl')]
+  assert [r['step'] for r in rows] == [1, 2, 3]
+  assert all(np.isfinite(r['loss']) for r in rows)
+  mixture = 'glm_blank_infilling' if 'glm' in run else 'ul2_mixture'
+  assert mixture in out.stdout

@@ -1,0 +1,262 @@
+"""Deterministic example, row and batch construction for every objective.
+
+One `Pipeline` turns a tokenized corpus split into model batches for a task
+mixture. Everything is a pure function of (seed, key): the example
+`example(task, i)`, the packed row `row(step, r)` and the batch `batch(step)`
+never depend on what was asked before, so a run resumed at step k sees exactly
+the batches an uninterrupted run sees, without replaying the data.
+
+Rows, per task (each row draws its task from the mixture rates):
+  causal_lm            one window of T + 1 tokens: a full row, no padding.
+  glm_blank_infilling  one objective per row from `glm_rates` (GLM-130B:
+                       30% [MASK], 70% [gMASK]): a [gMASK] row holds one
+                       example of a T - 2 token window; [MASK] / [sMASK] rows
+                       pack `pack_factor` examples of T / pack_factor tokens
+                       (GLM-130B packs 4 x 512 into 2048), block-diagonal.
+  ul2_mixture          one example per row, denoiser drawn per row.
+  instruction          prompted examples packed up to T / pack_factor each.
+
+Batch fields (all [B, T]): tokens, targets, loss_mask, segment_ids (0 = pad),
+position_ids, block_position_ids, prefix_mask. They are what
+`glm.transformer.Transformer` and `glm.losses.cross_entropy` read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from glm.data import causal_lm
+from glm.data import corpus
+from glm.data import glm_objective
+from glm.data import instructions
+from glm.data import objectives
+from glm.data import packing
+from glm.data import ul2_objective
+
+TASKS = ('causal_lm', 'glm_blank_infilling', 'ul2_mixture', 'instruction')
+GLM130B_RATES = {'mask': 0.3, 'gmask': 0.7}
+
+
+def _task_id(name: str) -> int:
+  return int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], 'little')
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """How examples are made; gin binds it at the edge (train, preview)."""
+  mixture: tuple[tuple[str, float], ...] = (('causal_lm', 1.0),)
+  glm_rates: tuple[tuple[str, float], ...] = tuple(GLM130B_RATES.items())
+  ul2_rates: tuple[float, ...] | None = None  # None: uniform over the seven
+  pack_factor: int = 4
+  mask_ratio: float = 0.15
+
+  def __post_init__(self):
+    names = [n for n, _ in self.mixture]
+    unknown = [n for n in names if n not in TASKS]
+    if unknown or not names:
+      raise ValueError(f'mixture tasks {unknown or names} must be some of '
+                       f'{TASKS}.')
+    rates = np.array([r for _, r in self.mixture], float)
+    if (rates < 0).any() or rates.sum() <= 0:
+      raise ValueError(f'mixture rates {dict(self.mixture)} must be '
+                       'non-negative with a positive sum.')
+    if self.pack_factor < 1:
+      raise ValueError(f'pack_factor={self.pack_factor} must be >= 1.')
+
+  @classmethod
+  def for_task(cls, task: str, **kwargs) -> 'DataConfig':
+    return cls(mixture=((task, 1.0),), **kwargs)
+
+
+class SplitData:
+  """One tokenized corpus split: the token stream, sentence ends, documents."""
+
+  def __init__(self, corpus_dir: str, tok, split: str):
+    self.tok = tok
+    self.split = split
+    self.corpus_dir = corpus_dir
+    self.stream = causal_lm.load_token_stream(corpus_dir, tok, split)
+    pieces = [tok.id_to_piece(i) for i in range(tok.vocab_size)]
+    self.sentence_end = glm_objective.sentence_end_table(pieces)[self.stream]
+    self.special = objectives.SpecialIds.from_tokenizer(tok)
+
+  @functools.cached_property
+  def documents(self) -> list[instructions.Document]:
+    return [instructions.Document(d['lang'], d['text'])
+            for d in corpus.iter_documents(self.corpus_dir, self.split)]
+
+  def window(self, rng: np.random.Generator, length: int
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """A random window of `length` tokens and its sentence-end flags."""
+    if len(self.stream) < length:
+      raise ValueError(f'the {self.split} split has {len(self.stream)} '
+                       f'tokens, fewer than one window of {length}; build a '
+                       'larger corpus or use a shorter SEQ_LEN.')
+    start = int(rng.integers(0, len(self.stream) - length + 1))
+    return (self.stream[start:start + length],
+            self.sentence_end[start:start + length])
+
+
+class Pipeline:
+  """Examples, packed rows and batches of a task mixture over one split."""
+
+  def __init__(self, data: SplitData, config: DataConfig, *, seq_len: int,
+               batch_size: int = 1, seed: int = 0):
+    self.data = data
+    self.config = config
+    self.seq_len = seq_len
+    self.batch_size = batch_size
+    self.seed = seed
+    self.special = data.special
+    self._tasks = [n for n, _ in config.mixture]
+    rates = np.array([r for _, r in config.mixture], float)
+    self._task_p = rates / rates.sum()
+    self._glm_rates = dict(config.glm_rates)
+    self._sub_len = seq_len // config.pack_factor
+    used = [o for o, r in self._glm_rates.items() if r > 0]
+    packed_objs = [o for o in used if o != 'gmask']
+    self._glm_window = {
+        'gmask': glm_objective.max_glm_window(seq_len, ('gmask',)),
+    }
+    if packed_objs:
+      window = glm_objective.max_glm_window(self._sub_len, packed_objs,
+                                            config.mask_ratio)
+      self._glm_window.update({o: window for o in packed_objs})
+    self._ul2_window = ul2_objective.max_ul2_window(seq_len)
+    # Prompts need room: T / pack_factor, but at least min(T, 128) tokens.
+    self._instruction_len = max(self._sub_len, min(seq_len, 128))
+
+  # Examples -----------------------------------------------------------------
+
+  def _rng(self, *key: int) -> np.random.Generator:
+    return np.random.default_rng([self.seed, *key])
+
+  def _glm(self, rng, objective: str) -> dict:
+    window, ends = self.data.window(rng, self._glm_window[objective])
+    if objective == 'smask' and not ends[:-1].any():
+      objective = 'mask'  # one sentence only: nothing whole to take out
+    ex = glm_objective.glm_example(window, self.special, rng,
+                                   objective=objective, sentence_end=ends,
+                                   mask_ratio=self.config.mask_ratio)
+    ex['source_tokens'] = window
+    return ex
+
+  def _ul2(self, rng, denoiser) -> dict:
+    window, _ = self.data.window(rng, self._ul2_window)
+    ex = ul2_objective.ul2_example(window, self.special, rng,
+                                   denoiser=denoiser)
+    ex['source_tokens'] = window
+    return ex
+
+  def _causal(self, rng) -> dict:
+    window, _ = self.data.window(rng, self.seq_len + 1)
+    ex = objectives.causal_example(window)
+    ex['source_tokens'] = window
+    return ex
+
+  def _instruction(self, rng) -> dict:
+    return instructions.instruction_example(
+        rng, self.data.documents, self.data.tok, self.special,
+        max_len=self._instruction_len)
+
+  def _ul2_denoiser(self, rng):
+    return ul2_objective.sample_denoiser(rng, self.config.ul2_rates)
+
+  def example(self, task: str, index: int) -> dict:
+    """The index-th unpacked example of `task` (objective drawn as in rows)."""
+    rng = self._rng(1, _task_id(task), index)
+    if task == 'causal_lm':
+      ex = self._causal(rng)
+    elif task == 'glm_blank_infilling':
+      obj = glm_objective.sample_glm_objective_mix(rng, self._glm_rates)
+      ex = self._glm(rng, obj)
+    elif task == 'ul2_mixture':
+      ex = self._ul2(rng, self._ul2_denoiser(rng))
+    elif task == 'instruction':
+      ex = self._instruction(rng)
+    else:
+      raise ValueError(f'task {task!r} is not one of {TASKS}.')
+    ex['task'] = task
+    return ex
+
+  # Rows and batches -----------------------------------------------------------
+
+  def row(self, step: int, index: int) -> tuple[dict[str, np.ndarray],
+                                                list[dict]]:
+    """Row `index` of batch `step`: (packed arrays, the examples in it)."""
+    rng = self._rng(2, step, index)
+    task = self._tasks[int(rng.choice(len(self._tasks), p=self._task_p))]
+    pad = self.special.pad
+    if task == 'causal_lm':
+      make = lambda: self._causal(rng)
+    elif task == 'glm_blank_infilling':
+      obj = glm_objective.sample_glm_objective_mix(rng, self._glm_rates)
+      make = lambda: self._glm(rng, obj)
+      if obj == 'gmask':
+        ex = make()
+        return packing.pack([ex], self.seq_len, pad_id=pad), [
+            dict(ex, task=task)]
+    elif task == 'ul2_mixture':
+      denoiser = self._ul2_denoiser(rng)
+      ex = self._ul2(rng, denoiser)
+      return packing.pack([ex], self.seq_len, pad_id=pad), [
+          dict(ex, task=task)]
+    else:
+      make = lambda: self._instruction(rng)
+    row, examples = packing.fill_row(make, self.seq_len, pad_id=pad)
+    return row, [dict(e, task=task) for e in examples]
+
+  def batch(self, step: int) -> dict[str, np.ndarray]:
+    """[B, T] arrays for one training step; a pure function of (seed, step)."""
+    rows = [self.row(step, r)[0] for r in range(self.batch_size)]
+    return packing.stack_rows(rows)
+
+  def eval_batches(self, n: int) -> list[dict[str, np.ndarray]]:
+    """n fixed held-out batches (keys disjoint from training steps)."""
+    return [self.batch(-(i + 1) % (2 ** 31)) for i in range(n)]
+
+
+def preview_record(example: Mapping[str, Any],
+                   special: objectives.SpecialIds) -> dict[str, Any]:
+  """The JSON schema of `glm data preview` for one unpacked example."""
+  ints = lambda a: [int(x) for x in np.asarray(a)]
+  special_ids = {name: int(getattr(special, field)) for field, name in
+                 objectives.PIECE_NAMES.items()}
+  special_ids['sentinels'] = [int(s) for s in special.sentinels]
+  return {
+      'task': example['task'],
+      'objective': example['objective'],
+      'denoiser': example.get('denoiser'),
+      'source_tokens': ints(example['source_tokens']),
+      'tokens': ints(example['tokens']),
+      'targets': ints(example['targets']),
+      'loss_mask': ints(example['loss_mask']),
+      'position_ids': ints(example['position_ids']),
+      'block_position_ids': ints(example['block_position_ids']),
+      'prefix_len': int(example['prefix_len']),
+      'special_ids': special_ids,
+  }
+
+
+def open_split(data_dir: str, split: str, *, vocab_size: int = 4096,
+               seed: int = 0) -> SplitData:
+  """Builds (if needed) the corpus and tokenizer under data_dir; loads a split."""
+  import os  # pylint: disable=g-import-not-at-top
+  from glm.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  corpus_dir = os.path.join(data_dir, 'corpus')
+  corpus.ensure_corpus(corpus_dir)
+  tok_path = tokenizer_lib.ensure_tokenizer(
+      corpus_dir, os.path.join(data_dir, f'spm_{vocab_size}'),
+      vocab_size=vocab_size, seed=seed)
+  return SplitData(corpus_dir, tokenizer_lib.Tokenizer(tok_path), split)
+
+
+def stack_examples(examples: Sequence[dict]) -> dict[str, np.ndarray]:
+  """Unpacked examples -> one row each (for tests and previews)."""
+  n = max(packing.example_length(e) for e in examples)
+  return packing.stack_rows([packing.pack([e], n) for e in examples])
