@@ -30,7 +30,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from glm.data import causal_lm
+from glm.data import token_stream
 from glm.data import corpus
 from glm.data import glm_objective
 from glm.data import instructions
@@ -80,7 +80,7 @@ class SplitData:
     self.tok = tok
     self.split = split
     self.corpus_dir = corpus_dir
-    self.stream = causal_lm.load_token_stream(corpus_dir, tok, split)
+    self.stream = token_stream.load_token_stream(corpus_dir, tok, split)
     pieces = [tok.id_to_piece(i) for i in range(tok.vocab_size)]
     self.sentence_end = glm_objective.sentence_end_table(pieces)[self.stream]
     self.special = objectives.SpecialIds.from_tokenizer(tok)

@@ -139,6 +139,10 @@ def train(*, workdir: str,
     raise TrainError(f'SEQ_LEN={seq_len} is longer than the model allows '
                      f'(ModelConfig.max_len={cfg.max_len}); lower SEQ_LEN or '
                      'raise max_len.')
+  if tokenizer_vocab_size % 128:
+    raise TrainError(f'tokenizer_vocab_size={tokenizer_vocab_size} must be a '
+                     'multiple of 128 (e.g. 4096) so that the embedding '
+                     'needs no padding rows.')
   if tokenizer_vocab_size > cfg.vocab_size:
     raise TrainError(
         f'tokenizer vocab {tokenizer_vocab_size} is larger than the model '

@@ -12,7 +12,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from glm.data import causal_lm
+from glm.data import token_stream
 from glm.data import corpus
 from glm.data import tokenizer
 from glm.data import troff
@@ -375,8 +375,8 @@ def test_ensure_tokenizer_retrains_only_when_stale(corpus_dir, tmp_path,
 
 
 def test_token_stream_is_docs_plus_eos_and_cached(corpus_dir, tok):
-  stream = causal_lm.load_token_stream(corpus_dir, tok, 'train')
-  path = causal_lm.stream_cache_path(corpus_dir, tok, 'train')
+  stream = token_stream.load_token_stream(corpus_dir, tok, 'train')
+  path = token_stream.stream_cache_path(corpus_dir, tok, 'train')
   assert os.path.dirname(path) == os.path.dirname(tok.model_path)
   assert stream.dtype == np.int32 and stream[-1] == tok.eos_id
   docs = list(corpus.iter_documents(corpus_dir, 'train'))
@@ -385,59 +385,4 @@ def test_token_stream_is_docs_plus_eos_and_cached(corpus_dir, tok):
   assert tok.decode(first) == docs[0]['text']
   np.testing.assert_array_equal(np.load(path), stream)
   np.testing.assert_array_equal(
-      causal_lm.load_token_stream(corpus_dir, tok, 'train'), stream)
-
-
-def test_batches_shift_shapes_and_dtypes():
-  stream = (np.arange(1000) * 7919 % 4093).astype(np.int32)  # Distinct.
-  source = causal_lm.CausalLMBatches(stream, batch_size=4, seq_len=16, seed=3)
-  batch = source.batch(5)
-  assert batch['tokens'].shape == batch['targets'].shape == (4, 16)
-  assert batch['tokens'].dtype == batch['targets'].dtype == np.int32
-  assert batch['loss_mask'].dtype == np.float32
-  np.testing.assert_array_equal(batch['loss_mask'], 1.0)
-  np.testing.assert_array_equal(batch['tokens'][:, 1:],
-                                batch['targets'][:, :-1])
-  for row, start in enumerate(source.window_starts(5)):
-    np.testing.assert_array_equal(batch['tokens'][row],
-                                  stream[start:start + 16])
-    np.testing.assert_array_equal(batch['targets'][row],
-                                  stream[start + 1:start + 17])
-
-
-def test_batches_are_a_function_of_seed_and_step():
-  stream = np.arange(5000, dtype=np.int32)
-  make = lambda seed: causal_lm.CausalLMBatches(
-      stream, batch_size=8, seq_len=32, seed=seed)
-  fresh, replayed = make(0), make(0)
-  for step in range(60):  # Crosses several epochs (156 windows, 8 per step).
-    replayed.batch(step)
-  for step in (59, 0, 19, 20, 37):
-    np.testing.assert_array_equal(fresh.batch(step)['tokens'],
-                                  replayed.batch(step)['tokens'])
-  assert not np.array_equal(make(1).batch(0)['tokens'],
-                            fresh.batch(0)['tokens'])
-  # Within an epoch every window is used once.
-  per_epoch = fresh.num_windows // 8
-  starts = np.concatenate([fresh.window_starts(s) for s in range(per_epoch)])
-  assert len(set(starts.tolist())) == starts.size
-  assert np.all(starts % 32 == starts[0] % 32)  # One offset per epoch.
-
-
-def test_eval_batches_are_sequential_and_fixed():
-  stream = np.arange(1000, dtype=np.int32)
-  source = causal_lm.CausalLMBatches(stream, batch_size=2, seq_len=10, seed=1)
-  batches = source.eval_batches(3)
-  tokens = np.stack([b['tokens'] for b in batches]).reshape(-1, 10)
-  np.testing.assert_array_equal(tokens[:, 0], np.arange(6) * 10)
-  np.testing.assert_array_equal(batches[2]['targets'][1], np.arange(51, 61))
-  again = causal_lm.CausalLMBatches(stream, batch_size=2, seq_len=10, seed=9)
-  np.testing.assert_array_equal(again.eval_batches(3)[2]['tokens'],
-                                batches[2]['tokens'])
-  with pytest.raises(ValueError, match='n <= 49'):
-    source.eval_batches(50)
-
-
-def test_short_stream_is_a_clear_error():
-  with pytest.raises(ValueError, match=r'has 10 tokens .* seq_len \+ 1 = 17'):
-    causal_lm.CausalLMBatches(np.arange(10), batch_size=1, seq_len=16)
+      token_stream.load_token_stream(corpus_dir, tok, 'train'), stream)
