@@ -13,7 +13,8 @@ Rows, per task (each row draws its task from the mixture rates):
                        example of a T - 2 token window; [MASK] / [sMASK] rows
                        pack `pack_factor` examples of T / pack_factor tokens
                        (GLM-130B packs 4 x 512 into 2048), block-diagonal.
-  ul2_mixture          one example per row, denoiser drawn per row.
+  ul2_mixture          one denoiser per row: a full-size example, then
+                       shorter ones filling the rest of the row.
   instruction          prompted examples packed up to T / pack_factor each.
 
 Batch fields (all [B, T]): tokens, targets, loss_mask, segment_ids (0 = pad),
@@ -40,6 +41,7 @@ from glm.data import ul2_objective
 
 TASKS = ('causal_lm', 'glm_blank_infilling', 'ul2_mixture', 'instruction')
 GLM130B_RATES = {'mask': 0.3, 'gmask': 0.7}
+MIN_UL2_FILL = 16  # shortest window packed after a row's first UL2 example
 
 
 def _task_id(name: str) -> int:
@@ -153,6 +155,27 @@ class Pipeline:
     ex['source_tokens'] = window
     return ex
 
+  def _ul2_row(self, rng, denoiser) -> list[dict]:
+    """One full-size example, then shorter ones of the same denoiser that
+    fill the rest of the row exactly (each example's length is fixed by its
+    window), down to windows of MIN_UL2_FILL tokens."""
+    examples = [self._ul2(rng, denoiser)]
+    used = len(examples[0]['tokens'])
+    while self.seq_len - used >= MIN_UL2_FILL:
+      try:
+        length = ul2_objective.max_ul2_window(self.seq_len - used, (denoiser,))
+      except ValueError:
+        break
+      if length < MIN_UL2_FILL:
+        break
+      window, _ = self.data.window(rng, length)
+      ex = ul2_objective.ul2_example(window, self.special, rng,
+                                     denoiser=denoiser)
+      ex['source_tokens'] = window
+      examples.append(ex)
+      used += len(ex['tokens'])
+    return examples
+
   def _causal(self, rng) -> dict:
     window, _ = self.data.window(rng, self.seq_len + 1)
     ex = objectives.causal_example(window)
@@ -202,10 +225,9 @@ class Pipeline:
         return packing.pack([ex], self.seq_len, pad_id=pad), [
             dict(ex, task=task)]
     elif task == 'ul2_mixture':
-      denoiser = self._ul2_denoiser(rng)
-      ex = self._ul2(rng, denoiser)
-      return packing.pack([ex], self.seq_len, pad_id=pad), [
-          dict(ex, task=task)]
+      examples = self._ul2_row(rng, self._ul2_denoiser(rng))
+      return packing.pack(examples, self.seq_len, pad_id=pad), [
+          dict(e, task=task) for e in examples]
     else:
       make = lambda: self._instruction(rng)
     row, examples = packing.fill_row(make, self.seq_len, pad_id=pad)

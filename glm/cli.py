@@ -68,8 +68,7 @@ def _parser() -> argparse.ArgumentParser:
   preview.add_argument('--data_dir', default='.cache/data')
   for name, text in (('card', 'write and print the data card'),
                      ('fertility', 'tokenizer fertility per language')):
-    rep = dsub.add_parser(name, help=text)
-    rep.add_argument('rest', nargs=argparse.REMAINDER)
+    dsub.add_parser(name, help=text, add_help=False)  # report_cli parses
   return p
 
 
@@ -157,7 +156,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   bindings = [a[len('--gin.'):] for a in argv if a.startswith('--gin.')]
   rest = [a for a in argv if not a.startswith('--gin.')]
-  args = _parser().parse_args(rest)
+  args, extra = _parser().parse_known_args(rest)
+  if getattr(args, 'data_command', None) in ('card', 'fertility'):
+    args.rest = extra  # options of glm.data.report_cli
+  elif extra:
+    _parser().error(f'unrecognized arguments: {" ".join(extra)}')
   if bindings and args.command not in ('info', 'train'):
     _parser().error(f'--gin.* bindings are not used by {args.command}.')
   bad = [b for b in bindings if '=' not in b]

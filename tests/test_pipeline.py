@@ -178,3 +178,22 @@ def test_seqio_tasks_match_the_pipeline(data_dir, monkeypatch):
                 'block_position_ids'):
         assert np.array_equal(ex[k], want[k]), (task, i, k)
       assert int(ex['prefix_len']) == want['prefix_len']
+
+
+def test_ul2_rows_are_full_and_every_segment_is_exact(split):
+  pipe = make(split, 'ul2_mixture', seq_len=128)
+  fills = []
+  for r in range(30):
+    row, examples = pipe.row(0, r)
+    assert len({e['objective'] for e in examples}) == 1  # one denoiser a row
+    fills.append(float((row['segment_ids'] > 0).mean()))
+    at = 0
+    for seg, ex in enumerate(examples, 1):
+      n = len(ex['tokens'])
+      assert (row['segment_ids'][at:at + n] == seg).all()
+      assert np.array_equal(row['tokens'][at:at + n], ex['tokens'])
+      assert row['prefix_mask'][at:at + n].sum() == ex['prefix_len']
+      assert np.array_equal(ul2_objective.reconstruct_source(ex, split.special),
+                            ex['source_tokens'])
+      at += n
+  assert np.mean(fills) > 0.95, fills
