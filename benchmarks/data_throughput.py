@@ -21,8 +21,10 @@ import time
 import gin
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from glm import gin_config
+from glm import optimizers
 from glm import train as train_lib
 from glm import transformer
 from glm.config import ModelConfig
@@ -35,18 +37,18 @@ def training_tokens_per_s(batch: dict, steps: int) -> float:
   gin_config.parse([os.path.join(ROOT, 'configs', 'runs', 'default.gin')], [])
   cfg = ModelConfig()
   gin.clear_config()
-  opt, _ = train_lib.make_optimizer(
-      learning_rate=1e-3, warmup_steps=10, total_steps=100, min_lr_ratio=0.1,
-      weight_decay=0.1, b1=0.9, b2=0.95, grad_clip=1.0)
+  opt = optimizers.make_optimizer(optimizers.OptimizerConfig(),
+                                 np.full(100, 1e-3, np.float32))
   params = transformer.init_params(cfg, jax.random.PRNGKey(0))
-  opt_state = opt.init(params)
+  state = {'params': params, 'opt_state': opt.init(params),
+           'loss_ema': jnp.float32(0), 'bad_steps': jnp.int32(0)}
   step, _ = train_lib.make_train_step(cfg, opt)
-  batch = {k: jnp.asarray(v) for k, v in batch.items()}
-  params, opt_state, m = step(params, opt_state, batch)  # compile
+  batch = {k: jnp.asarray(v)[None] for k, v in batch.items()}  # [1, B, T]
+  state, m = step(state, batch)  # compile
   m['loss'].block_until_ready()
   t = time.perf_counter()
   for _ in range(steps):
-    params, opt_state, m = step(params, opt_state, batch)
+    state, m = step(state, batch)
   m['loss'].block_until_ready()
   return batch['tokens'].size * steps / (time.perf_counter() - t)
 

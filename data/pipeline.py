@@ -233,14 +233,50 @@ class Pipeline:
     row, examples = packing.fill_row(make, self.seq_len, pad_id=pad)
     return row, [dict(e, task=task) for e in examples]
 
-  def batch(self, step: int) -> dict[str, np.ndarray]:
-    """[B, T] arrays for one training step; a pure function of (seed, step)."""
-    rows = [self.row(step, r)[0] for r in range(self.batch_size)]
+  def batch(self, step: int, rows: int | None = None
+            ) -> dict[str, np.ndarray]:
+    """[B, T] arrays for one training step; a pure function of (seed, step).
+
+    `rows` overrides the batch size (a batch-size ramp); row r of a step is
+    the same whatever the number of rows asked for.
+    """
+    rows = [self.row(step, r)[0] for r in range(rows or self.batch_size)]
     return packing.stack_rows(rows)
 
   def eval_batches(self, n: int) -> list[dict[str, np.ndarray]]:
     """n fixed held-out batches (keys disjoint from training steps)."""
     return [self.batch(-(i + 1) % (2 ** 31)) for i in range(n)]
+
+
+def language_eval_batches(data: SplitData, *, seq_len: int, batch_size: int,
+                          num_batches: int) -> dict[str, list[dict]]:
+  """Causal-LM batches per language of a (held-out) split.
+
+  Each language's documents are tokenized and concatenated with eos; its
+  first num_batches * batch_size non-overlapping windows of seq_len + 1 make
+  its batches. Languages with less text than one batch are left out.
+  """
+  by_lang: dict[str, list[int]] = {}
+  for doc in data.documents:
+    by_lang.setdefault(doc.lang, []).extend(
+        data.tok.encode(doc.text) + [data.special.eos])
+  out = {}
+  for lang, ids in sorted(by_lang.items()):
+    stream = np.asarray(ids, np.int32)
+    windows = min((len(stream) - 1) // seq_len, num_batches * batch_size)
+    n_batches = windows // batch_size
+    if not n_batches:
+      continue
+    batches = []
+    for b in range(n_batches):
+      rows = []
+      for r in range(batch_size):
+        start = (b * batch_size + r) * seq_len
+        ex = objectives.causal_example(stream[start:start + seq_len + 1])
+        rows.append(packing.pack([ex], seq_len, pad_id=data.special.pad))
+      batches.append(packing.stack_rows(rows))
+    out[lang] = batches
+  return out
 
 
 def preview_record(example: Mapping[str, Any],

@@ -18,9 +18,13 @@ import gin
 # every module that gin may bind is listed here, nowhere else.
 from glm import config as _config  # noqa: F401
 from glm import train as _train  # noqa: F401
+from glm import optimizers as _optimizers
 from glm.data import pipeline as _pipeline
 
 gin.external_configurable(_pipeline.DataConfig, 'DataConfig')
+gin.external_configurable(_optimizers.OptimizerConfig, 'OptimizerConfig')
+gin.external_configurable(_optimizers.BatchRamp, 'BatchRamp')
+gin.external_configurable(_train.FailurePolicy, 'FailurePolicy')
 
 
 class GinError(ValueError):

@@ -17,3 +17,12 @@ def cross_entropy(logits: jax.Array, targets: jax.Array,
   nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
   mask = loss_mask.astype(jnp.float32)
   return jnp.sum(nll * mask), jnp.sum(mask)
+
+
+def z_loss_sum(logits: jax.Array, loss_mask: jax.Array) -> jax.Array:
+  """Sum over counted tokens of logsumexp(logits)^2 (PaLM's z-loss), fp32.
+
+  Padded-vocab logits are the float32 minimum and add nothing to the sum.
+  """
+  z = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
+  return jnp.sum(jnp.square(z) * loss_mask.astype(jnp.float32))

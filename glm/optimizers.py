@@ -1,0 +1,119 @@
+"""Optimisation recipes: AdamW, warmup + cosine schedules, batch-size ramps.
+
+The seed recipes (configs/runs/bloom_recipe.gin, glm130b_recipe.gin):
+  BLOOM-176B  AdamW b2 0.95, wd 0.1, clip 1.0, lr 6e-5 cosine to 6e-6,
+              warmup 375M tokens, batch ramp, bf16 mixed precision.
+  GLM-130B    AdamW (0.9, 0.95), eps 1e-8, wd 0.1, clip 1.0, warmup from 1e-7
+              to 8e-5 over 0.5% of samples, cosine to 8e-6, batch ramp
+              192 -> 4224, embedding gradient shrink 0.1 (a model switch).
+
+Schedules are tables indexed by the optimiser step, computed on the host from
+the tokens each step consumes, so warmup and decay can be counted in tokens
+while the batch size ramps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+  """AdamW with a warmup + cosine schedule; gin binds it at the edge."""
+  learning_rate: float = 3e-3       # peak
+  init_lr: float = 0.0              # warmup starts here (GLM-130B: 1e-7)
+  min_lr_ratio: float = 0.1         # cosine ends at ratio * peak
+  warmup_steps: int = 0             # warmup length in steps, or ...
+  warmup_tokens: int = 0            # ... in tokens (BLOOM: 375M); the larger
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-8
+  weight_decay: float = 0.1
+  decay_embeddings: bool = False    # weight decay on embedding tables
+  grad_clip: float = 1.0
+  z_loss: float = 0.0               # coefficient of mean(logsumexp(logits)^2)
+
+  def __post_init__(self):
+    if self.learning_rate <= 0 or not 0 <= self.min_lr_ratio <= 1:
+      raise ValueError(f'learning_rate={self.learning_rate} must be > 0 and '
+                       f'min_lr_ratio={self.min_lr_ratio} in [0, 1].')
+    if self.warmup_steps < 0 or self.warmup_tokens < 0:
+      raise ValueError('warmup_steps and warmup_tokens must be >= 0.')
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchRamp:
+  """Global batch grows from `start` to the run's batch size over `steps`,
+  in whole micro-batches (Megatron's rampup-batch-size)."""
+  start: int = 0                    # 0 disables the ramp
+  steps: int = 0
+
+  def batch_sizes(self, batch_size: int, micro_batch: int,
+                  train_steps: int) -> np.ndarray:
+    """[train_steps] global batch size of every step."""
+    sizes = np.full(train_steps, batch_size, np.int64)
+    if not self.start or not self.steps:
+      return sizes
+    if self.start % micro_batch or self.start > batch_size:
+      raise ValueError(f'batch ramp start={self.start} must be a multiple of '
+                       f'the micro-batch {micro_batch} and <= BATCH_SIZE='
+                       f'{batch_size}.')
+    frac = np.minimum(np.arange(train_steps) / self.steps, 1.0)
+    raw = self.start + frac * (batch_size - self.start)
+    return (np.floor(raw / micro_batch) * micro_batch).astype(np.int64)
+
+
+def lr_table(cfg: OptimizerConfig, tokens_per_step: np.ndarray) -> np.ndarray:
+  """[steps] learning rate of every step, with warmup counted in tokens when
+  `warmup_tokens` is set (else steps) and cosine decay over the run's tokens.
+  """
+  steps = len(tokens_per_step)
+  seen = np.concatenate([[0], np.cumsum(tokens_per_step)[:-1]]).astype(float)
+  total = float(np.sum(tokens_per_step))
+  if cfg.warmup_tokens:
+    warm = np.minimum(seen / cfg.warmup_tokens, 1.0)
+    warm_end = float(cfg.warmup_tokens)
+  else:
+    warm_steps = max(min(cfg.warmup_steps, steps - 1), 0)
+    warm = (np.minimum(np.arange(steps) / warm_steps, 1.0) if warm_steps
+            else np.ones(steps))
+    warm_end = float(seen[warm_steps]) if warm_steps else 0.0
+  peak, low = cfg.learning_rate, cfg.learning_rate * cfg.min_lr_ratio
+  progress = np.clip((seen - warm_end) / max(total - warm_end, 1.0), 0, 1)
+  cosine = low + 0.5 * (peak - low) * (1 + np.cos(math.pi * progress))
+  lr = np.where(warm < 1.0, cfg.init_lr + warm * (peak - cfg.init_lr), cosine)
+  return lr.astype(np.float32)
+
+
+def decay_mask(params, decay_embeddings: bool):
+  """True on matrices that weight decay applies to: not biases, not norm
+  scales, and embedding tables only when asked."""
+  tables = ('embedding', 'position_embedding')
+
+  def keep(path, leaf):
+    name = getattr(path[-1], 'key', '')
+    if name in tables:
+      return decay_embeddings
+    # Layer-stacked params carry one extra leading axis.
+    stacked = any(getattr(p, 'key', '') == 'layers' for p in path)
+    return leaf.ndim - int(stacked) >= 2 and not name.endswith('bias')
+
+  return jax.tree_util.tree_map_with_path(keep, params)
+
+
+def make_optimizer(cfg: OptimizerConfig, lrs: np.ndarray
+                   ) -> optax.GradientTransformation:
+  """AdamW over the per-step learning-rate table `lrs`."""
+  table = jnp.asarray(lrs)
+  schedule = lambda count: table[jnp.minimum(count, len(lrs) - 1)]
+  return optax.chain(
+      optax.clip_by_global_norm(cfg.grad_clip),
+      optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                  weight_decay=cfg.weight_decay,
+                  mask=lambda p: decay_mask(p, cfg.decay_embeddings)))

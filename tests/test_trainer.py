@@ -1,0 +1,295 @@
+"""The trainer: exact resume after SIGKILL, bad steps, the files a run
+writes, the paper recipes at tiny size, schedules and gradient accumulation."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from glm import optimizers
+from glm import train as train_lib
+from glm import transformer
+from glm.config import ModelConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUNS = os.path.join(ROOT, 'configs', 'runs')
+TINY = ['--gin.BATCH_SIZE=4', '--gin.SEQ_LEN=32',
+        '--gin.ModelConfig.num_layers=2', '--gin.ModelConfig.hidden=32',
+        '--gin.ModelConfig.num_heads=4', '--gin.ModelConfig.mlp_dim=64',
+        '--gin.ModelConfig.vocab_size=2048',
+        '--gin.train.tokenizer_vocab_size=2048', '--gin.LOG_EVERY=1',
+        '--gin.EVAL_EVERY=0', '--gin.train.eval_batches=1',
+        '--gin.train.sample_tokens=2', '--gin.train.peak_flops=1e11']
+
+
+def cmd(run, workdir, data_dir, *extra):
+  return [sys.executable, '-m', 'glm', 'train', '--gin_file',
+          os.path.join(RUNS, run), '--workdir', str(workdir),
+          f"--gin.train.data_dir='{data_dir}'", *TINY, *extra]
+
+
+def glm_train(*args, **kwargs):
+  return subprocess.run(cmd(*args, **kwargs), capture_output=True, text=True,
+                        cwd=ROOT)
+
+
+def losses_by_step(workdir):
+  rows = [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))]
+  return {r['step']: r['loss'] for r in rows}
+
+
+def test_sigkill_and_resume_reproduces_losses_bit_for_bit(tmp_path, data_dir):
+  steps = ['--gin.TRAIN_STEPS=40', '--gin.CHECKPOINT_EVERY=5']
+  ref = glm_train('default.gin', tmp_path / 'ref', data_dir, *steps)
+  assert ref.returncode == 0, ref.stderr[-2000:]
+  want = losses_by_step(tmp_path / 'ref')
+  assert sorted(want) == list(range(1, 41))
+
+  work = tmp_path / 'killed'
+  proc = subprocess.Popen(cmd('default.gin', work, data_dir, *steps),
+                          cwd=ROOT, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  ckpts = work / 'checkpoints'
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    if ckpts.is_dir() and any(d.isdigit() and 10 <= int(d) < 40
+                              for d in os.listdir(ckpts)):
+      break
+    time.sleep(0.02)
+  assert proc.poll() is None, 'the run ended before it could be killed'
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  killed_at = max(losses_by_step(work))
+  assert killed_at < 40
+
+  out = glm_train('default.gin', work, data_dir, *steps)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert 'resumed from step' in out.stdout
+  got = losses_by_step(work)
+  assert got == want  # every step, bit for bit (JSON keeps float64 exactly)
+
+
+def test_sigterm_saves_then_the_same_command_resumes(tmp_path, data_dir):
+  work = tmp_path / 'w'
+  argv = cmd('default.gin', work, data_dir, '--gin.TRAIN_STEPS=400',
+             '--gin.CHECKPOINT_EVERY=1000')
+  proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.DEVNULL, text=True)
+  metrics = work / 'metrics.jsonl'
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+      break
+    time.sleep(0.05)
+  assert proc.poll() is None, 'the run ended before the signal'
+  proc.send_signal(signal.SIGTERM)
+  stdout, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 128 + signal.SIGTERM
+  assert 'caught signal 15; saved step' in stdout
+  saved = [int(d) for d in os.listdir(work / 'checkpoints') if d.isdigit()]
+  assert len(saved) == 1 and 3 <= saved[0] < 400
+  # A half-written save (orbax's temporary folder) is never picked up.
+  (work / 'checkpoints' / '399.orbax-checkpoint-tmp-1').mkdir()
+  out = glm_train('default.gin', work, data_dir,
+                  '--gin.TRAIN_STEPS=' + str(saved[0] + 2),
+                  '--gin.CHECKPOINT_EVERY=1000')
+  assert f'resumed from step {saved[0]}' in out.stdout, out.stderr[-2000:]
+
+
+def test_metrics_config_and_tensorboard_are_written(tmp_path, data_dir):
+  out = glm_train('default.gin', tmp_path / 'w', data_dir,
+                  '--gin.TRAIN_STEPS=3', '--gin.CHECKPOINT_EVERY=3',
+                  '--gin.EVAL_EVERY=3')
+  assert out.returncode == 0, out.stderr[-2000:]
+  w = tmp_path / 'w'
+  assert 'TRAIN_STEPS = 3' in (w / 'config.gin').read_text()
+  rows = [json.loads(l) for l in open(w / 'metrics.jsonl')]
+  for key in ('step', 'loss', 'lr', 'grad_norm', 'tokens_per_s',
+              'step_time_s', 'mfu'):
+    assert all(key in r and np.isfinite(r[key]) for r in rows), key
+  evals = [json.loads(l) for l in open(w / 'eval.jsonl')]
+  assert evals[0]['step'] == 3 and 'all' in evals[0]
+  assert any(k.startswith('lang/') for k in evals[0])
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  (events,) = os.listdir(w / 'tensorboard')
+  tags = {}
+  for event in tf.compat.v1.train.summary_iterator(
+      str(w / 'tensorboard' / events)):
+    for v in event.summary.value:
+      tags.setdefault(v.tag, []).append(event.step)
+  assert tags['train/loss'] == [1, 2, 3]
+  assert 'config' in tags and 'eval/all' in tags
+
+
+def test_workdir_of_another_run_is_refused(tmp_path, data_dir):
+  w = tmp_path / 'w'
+  assert glm_train('default.gin', w, data_dir, '--gin.TRAIN_STEPS=1',
+                   '--gin.CHECKPOINT_EVERY=1').returncode == 0
+  out = glm_train('default.gin', w, data_dir, '--gin.TRAIN_STEPS=2',
+                  '--gin.CHECKPOINT_EVERY=1', '--gin.ModelConfig.hidden=64')
+  lines = [l for l in out.stderr.splitlines() if l.startswith('glm train')]
+  assert out.returncode == 2 and len(lines) == 1, out.stderr[-2000:]
+  assert 'another model config (hidden: 32 there, 64 here' in lines[0]
+
+
+def test_consecutive_bad_steps_stop_naming_the_last_checkpoint(tmp_path,
+                                                               data_dir):
+  # A learning rate of 1e30 turns the parameters to inf after one update:
+  # every later step is non-finite, skipped, and the run stops.
+  out = glm_train('default.gin', tmp_path / 'w', data_dir,
+                  '--gin.TRAIN_STEPS=30', '--gin.CHECKPOINT_EVERY=1',
+                  '--gin.OptimizerConfig.learning_rate=1e30',
+                  '--gin.OptimizerConfig.warmup_steps=0',
+                  '--gin.FailurePolicy.max_bad_steps=3',
+                  '--gin.train.failure_policy=@FailurePolicy()')
+  assert out.returncode == 2, out.stderr[-2000:]
+  assert 'skipped the update (non-finite' in out.stdout
+  err = [l for l in out.stderr.splitlines() if l.startswith('glm train')]
+  assert '3 consecutive bad steps' in err[0]
+  assert 'the last good checkpoint is step' in err[0]
+
+
+@pytest.mark.parametrize('recipe,model', [
+    ('bloom_recipe.gin', 'tiny_bloom.gin'),
+    ('glm130b_recipe.gin', 'tiny_glm.gin')])
+def test_paper_recipes_run_at_tiny_size(tmp_path, data_dir, recipe, model):
+  w = tmp_path / 'w'
+  argv = cmd(recipe, w, data_dir, '--gin.TRAIN_STEPS=4',
+             '--gin.CHECKPOINT_EVERY=4', '--gin.train.micro_batch_size=2',
+             '--gin.BatchRamp.start=2', '--gin.BatchRamp.steps=2',
+             '--gin.OptimizerConfig.warmup_tokens=0',
+             '--gin.OptimizerConfig.warmup_steps=2', '--gin.SEQ_LEN=96')
+  argv[6:6] = ['--gin_file', os.path.join(ROOT, 'configs', 'models', model)]
+  out = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT)
+  assert out.returncode == 0, out.stderr[-2000:]
+  rows = [json.loads(l) for l in open(w / 'metrics.jsonl')]
+  assert [r['batch_size'] for r in rows] == [2, 2, 4, 4]  # the ramp
+  assert rows[0]['lr'] == pytest.approx(
+      1e-7 if 'glm' in recipe else 0.0, abs=1e-12)
+  assert all(np.isfinite(r['loss']) for r in rows)
+
+
+def test_finetune_from_a_glm_checkpoint(tmp_path, data_dir):
+  base = tmp_path / 'base'
+  assert glm_train('default.gin', base, data_dir, '--gin.TRAIN_STEPS=2',
+                   '--gin.CHECKPOINT_EVERY=2').returncode == 0
+  out = glm_train('finetune.gin', tmp_path / 'ft', data_dir,
+                  f"--gin.INIT_CHECKPOINT='{base / 'model'}'",
+                  '--gin.TRAIN_STEPS=2', '--gin.CHECKPOINT_EVERY=2',
+                  '--gin.SEQ_LEN=96',  # room for the prompts
+                  '--gin.ModelConfig.hidden=64')  # ignored: from checkpoint
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "{'instruction': 1.0}" in out.stdout
+  first = json.loads(open(tmp_path / 'ft' / 'metrics.jsonl').readline())
+  assert first['loss'] < 7.7  # starts from the trained weights, not init
+  missing = glm_train('finetune.gin', tmp_path / 'ft2', data_dir)
+  assert missing.returncode == 2
+  assert 'required macro INIT_CHECKPOINT is not set' in missing.stderr
+
+
+def test_micro_batch_must_divide_the_batch(tmp_path, data_dir):
+  out = glm_train('default.gin', tmp_path / 'w', data_dir,
+                  '--gin.train.micro_batch_size=3')
+  assert out.returncode == 2
+  assert 'BATCH_SIZE=4 is not divisible by micro_batch_size=3' in out.stderr
+  assert not (tmp_path / 'w').exists()
+
+
+# Unit tests of the step and the schedules ---------------------------------
+
+CFG = ModelConfig(vocab_size=64, hidden=16, num_layers=2, num_heads=2,
+                  mlp_dim=32, max_len=16)
+
+
+def _state(opt, params):
+  return {'params': params, 'opt_state': opt.init(params),
+          'loss_ema': jnp.float32(0), 'bad_steps': jnp.int32(0)}
+
+
+def _batch(seed, b=4, t=8):
+  rng = np.random.default_rng(seed)
+  tok = rng.integers(0, 64, (b, t)).astype(np.int32)
+  return {'tokens': tok, 'targets': np.roll(tok, -1, 1),
+          'loss_mask': rng.integers(0, 2, (b, t)).astype(np.float32)}
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+  # Plain SGD with lr 1: the update is exactly minus the (accumulated) grads.
+  opt = optax.sgd(1.0)
+  params = transformer.init_params(CFG, jax.random.PRNGKey(0))
+  step, _ = train_lib.make_train_step(CFG, opt)
+  batch = _batch(0)
+  one = {k: jnp.asarray(v)[None] for k, v in batch.items()}          # [1,4,T]
+  two = {k: jnp.asarray(v).reshape(2, 2, -1) for k, v in batch.items()}
+  s1, m1 = step(_state(opt, params), one)
+  s2, m2 = step(_state(opt, params), two)
+  np.testing.assert_allclose(m1['loss'], m2['loss'], rtol=1e-6)
+  np.testing.assert_allclose(m1['grad_norm'], m2['grad_norm'], rtol=1e-5)
+  assert float(m1['grad_norm']) > 0.1
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-6),
+               s1['params'], s2['params'])
+
+
+def test_nan_batch_is_skipped_and_counted_then_training_goes_on():
+  opt = optimizers.make_optimizer(optimizers.OptimizerConfig(),
+                                  np.full(4, 1e-2, np.float32))
+  params = transformer.init_params(CFG, jax.random.PRNGKey(0))
+  step, _ = train_lib.make_train_step(CFG, opt)
+  state = _state(opt, params)
+  bad = _batch(1)
+  bad['loss_mask'][0, 0] = np.nan
+  bad = {k: jnp.asarray(v)[None] for k, v in bad.items()}
+  state, m = step(state, bad)
+  assert bool(m['skipped']) and bool(m['nonfinite'])
+  assert int(state['bad_steps']) == 1
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b),
+               state['params'], params)
+  good = {k: jnp.asarray(v)[None] for k, v in _batch(2).items()}
+  state, m = step(state, good)
+  assert not bool(m['skipped']) and int(state['bad_steps']) == 0
+  assert not np.array_equal(state['params']['embed']['embedding'],
+                            params['embed']['embedding'])
+
+
+def test_loss_spike_is_skipped():
+  opt = optimizers.make_optimizer(optimizers.OptimizerConfig(),
+                                  np.full(4, 1e-2, np.float32))
+  params = transformer.init_params(CFG, jax.random.PRNGKey(0))
+  step, _ = train_lib.make_train_step(
+      CFG, opt, policy=train_lib.FailurePolicy(spike_factor=2.0))
+  state = _state(opt, params)
+  state['loss_ema'] = jnp.float32(1.0)  # running mean far below ln(64)
+  batch = {k: jnp.asarray(v)[None] for k, v in _batch(3).items()}
+  new, m = step(state, batch)
+  assert bool(m['skipped']) and not bool(m['nonfinite'])
+  assert float(new['loss_ema']) == 1.0
+
+
+def test_lr_table_warmup_in_tokens_and_cosine_floor():
+  cfg = optimizers.OptimizerConfig(learning_rate=1.0, init_lr=0.1,
+                                   min_lr_ratio=0.1, warmup_tokens=400)
+  tokens = np.array([100] * 4 + [200] * 16)  # a ramp: 100 then 200 tokens
+  lr = optimizers.lr_table(cfg, tokens)
+  np.testing.assert_allclose(lr[:4], [0.1, 0.325, 0.55, 0.775], rtol=1e-6)
+  assert lr[4] == pytest.approx(1.0)
+  assert np.all(np.diff(lr[4:]) <= 1e-7) and lr[-1] >= 0.1 - 1e-7
+  ramp = optimizers.BatchRamp(start=2, steps=4)
+  assert ramp.batch_sizes(8, 2, 6).tolist() == [2, 2, 4, 6, 8, 8]
+
+
+def test_weight_decay_skips_biases_norms_and_embeddings():
+  params = transformer.init_params(CFG, jax.random.PRNGKey(0))  # scanned
+  mask = optimizers.decay_mask(params, decay_embeddings=False)
+  assert mask['layers']['attention']['query'] is True
+  assert mask['layers']['attention']['query_bias'] is False
+  assert mask['layers']['input_norm']['scale'] is False
+  assert mask['embed']['embedding'] is False
+  assert optimizers.decay_mask(params, True)['embed']['embedding'] is True
