@@ -26,12 +26,13 @@ from glm.layers import compute_dtype, kernel_init, param
 class AttentionInputs(NamedTuple):
   """Per-forward attention context, shared by every layer.
 
-  mask: [B, 1, T, S] bool, True where the query may attend the key.
-  alibi: [B, H, T, S] float32 bias, or None.
+  bias: [B, 1, T, S] (no ALiBi) or [B, H, T, S] float32 added to the scaled
+    scores: the ALiBi bias (or 0) where the query may attend the key, the
+    float32 minimum elsewhere. Built once per forward so that no layer
+    materialises a mask select or its gradient.
   rope: ((cos, sin), ...) tables; one pair for 1D RoPE, two for 2D, or None.
   """
-  mask: jax.Array
-  alibi: jax.Array | None
+  bias: jax.Array
   rope: tuple | None
 
 
@@ -71,11 +72,11 @@ def attention_inputs(cfg: ModelConfig, batch: dict) -> AttentionInputs:
   prefix_mask = batch.get('prefix_mask')
   if prefix_mask is None and batch.get('prefix_len') is not None:
     prefix_mask = prefix_mask_from_len(batch['prefix_len'], tokens.shape[1])
-  mask = make_attention_mask(segment_ids, prefix_mask)
+  mask = make_attention_mask(segment_ids, prefix_mask)  # [B, 1, T, S]
 
   alibi = rope = None
   if cfg.position == 'alibi':
-    alibi = positions.alibi_bias(position_ids, cfg.num_heads)
+    alibi = positions.alibi_bias(position_ids, cfg.num_heads)  # [B, H, T, S]
   elif cfg.position == 'rope':
     rope = (positions.rope_angles(position_ids, cfg.rotary_dims,
                                   cfg.rope_base),)
@@ -86,20 +87,32 @@ def attention_inputs(cfg: ModelConfig, batch: dict) -> AttentionInputs:
       block_ids = jnp.zeros_like(position_ids)
     rope = (positions.rope_angles(position_ids, half, cfg.rope_base),
             positions.rope_angles(block_ids, half, cfg.rope_base))
-  return AttentionInputs(mask, alibi, rope)
+  # Every row sees at least its own key, so the float32 minimum is never the
+  # row maximum and softmax gives masked keys exactly 0, as a select would.
+  bias = jnp.where(mask, 0.0 if alibi is None else alibi,
+                   jnp.finfo(jnp.float32).min)
+  return AttentionInputs(bias.astype(jnp.float32), rope)
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                           ctx: AttentionInputs) -> jax.Array:
-  """Softmax attention in float32. q, k, v: [B, T, H, D] -> [B, T, H, D]."""
+  """Softmax attention in float32. q, k, v: [B, T, H, D] -> [B, T, H, D].
+
+  The products run head-major ([B, H, T, D]): with (B, H) as the leading
+  batch dims of both operands XLA CPU calls its fast batched matmul, where
+  the mixed layouts of 'bthd,bshd->bhts' fall back to a slower generic dot
+  in the backward pass.
+  """
   scale = q.shape[-1] ** -0.5
-  scores = jnp.einsum('bthd,bshd->bhts', q, k,
+  q, k, v = (jnp.swapaxes(a, 1, 2) for a in (q, k, v))  # [B, H, T, D]
+  scores = jnp.einsum('bhtd,bhsd->bhts', q, k,
                       preferred_element_type=jnp.float32) * scale
-  if ctx.alibi is not None:
-    scores = scores + ctx.alibi
-  scores = jnp.where(ctx.mask, scores, jnp.finfo(jnp.float32).min)
+  # Masked keys: score + float32 min rounds to the float32 min (|score| is
+  # far below its ulp), whose exp underflows to 0.
+  scores = scores + ctx.bias
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  return jnp.einsum('bhts,bshd->bthd', probs, v)
+  out = jnp.einsum('bhts,bhsd->bhtd', probs, v)
+  return jnp.swapaxes(out, 1, 2)  # [B, T, H, D]
 
 
 class Attention(nn.Module):
