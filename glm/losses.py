@@ -6,6 +6,35 @@ import jax
 import jax.numpy as jnp
 
 
+@jax.custom_vjp
+def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """-log softmax(logits)[targets]: [B, T, V] float32, [B, T] -> [B, T].
+
+  Its own backward, softmax - one_hot, is one fused pass over the logits
+  (autodiff of log_softmax + take_along_axis makes several, plus a scatter).
+  """
+  lse = jax.nn.logsumexp(logits, axis=-1)
+  picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  return lse - picked
+
+
+def _token_nll_fwd(logits, targets):
+  lse = jax.nn.logsumexp(logits, axis=-1)
+  picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  return lse - picked, (logits, targets, lse)
+
+
+def _token_nll_bwd(res, g):
+  logits, targets, lse = res
+  vocab = jnp.arange(logits.shape[-1], dtype=targets.dtype)
+  one_hot = (vocab == targets[..., None]).astype(logits.dtype)
+  d_logits = (jnp.exp(logits - lse[..., None]) - one_hot) * g[..., None]
+  return d_logits, None
+
+
+token_nll.defvjp(_token_nll_fwd, _token_nll_bwd)
+
+
 def cross_entropy(logits: jax.Array, targets: jax.Array,
                   loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Masked token cross-entropy.
@@ -13,8 +42,7 @@ def cross_entropy(logits: jax.Array, targets: jax.Array,
   logits [B, T, V] (any dtype), targets [B, T] int, loss_mask [B, T].
   Returns (sum of token losses, number of counted tokens), both float32.
   """
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+  nll = token_nll(logits.astype(jnp.float32), targets)
   mask = loss_mask.astype(jnp.float32)
   return jnp.sum(nll * mask), jnp.sum(mask)
 

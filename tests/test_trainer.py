@@ -293,3 +293,24 @@ def test_weight_decay_skips_biases_norms_and_embeddings():
   assert mask['layers']['input_norm']['scale'] is False
   assert mask['embed']['embedding'] is False
   assert optimizers.decay_mask(params, True)['embed']['embedding'] is True
+
+
+def test_cross_entropy_and_its_gradient_match_log_softmax():
+  from glm import losses  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  logits = jnp.asarray(rng.normal(size=(2, 5, 37)).astype(np.float32) * 3)
+  logits = logits.at[..., 30:].set(jnp.finfo(jnp.float32).min)  # padded vocab
+  targets = jnp.asarray(rng.integers(0, 30, (2, 5)))
+  mask = jnp.asarray(rng.integers(0, 2, (2, 5)).astype(np.float32))
+
+  def reference(lg):
+    lp = jax.nn.log_softmax(lg, -1)
+    return -jnp.sum(jnp.take_along_axis(lp, targets[..., None], -1)[..., 0]
+                    * mask)
+
+  ours = lambda lg: losses.cross_entropy(lg, targets, mask)[0]
+  np.testing.assert_allclose(ours(logits), reference(logits), rtol=1e-6)
+  np.testing.assert_allclose(jax.grad(ours)(logits),
+                             jax.grad(reference)(logits), atol=1e-6)
+  assert float(losses.cross_entropy(logits, targets, mask)[1]) == float(
+      mask.sum())
