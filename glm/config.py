@@ -59,6 +59,7 @@ class ModelConfig:
   tie_embeddings: bool = True
   embed_grad_shrink: float = 1.0   # GLM-130B's alpha; 1.0 disables it
   init_std: float = 0.02
+  dropout_rate: float = 0.0        # on attention and FFN outputs (training)
 
   # Numerics and compilation.
   dtype: str = 'float32'           # compute dtype; params stay float32
@@ -91,6 +92,8 @@ class ModelConfig:
           f'rope_fraction={self.rope_fraction} of head dim '
           f'{self.dims_per_head} gives {self.rotary_dims} rotary dims; it must '
           'be a positive even number.')
+    if not 0.0 <= self.dropout_rate < 1.0:
+      raise ValueError(f'dropout_rate={self.dropout_rate} must be in [0, 1).')
     if not 0.0 < self.embed_grad_shrink <= 1.0:
       raise ValueError(f'embed_grad_shrink={self.embed_grad_shrink} must be '
                        'in (0, 1]; 1.0 disables the shrink.')

@@ -78,32 +78,41 @@ def make_train_step(cfg: ModelConfig, opt: optax.GradientTransformation, *,
   """
   model = transformer.Transformer(cfg)
 
-  def loss_sums(params, batch):
-    logits = model.apply({'params': params}, batch)
+  def loss_sums(params, batch, rng):
+    if rng is None:  # no dropout
+      logits = model.apply({'params': params}, batch)
+    else:
+      logits = model.apply({'params': params}, batch, deterministic=False,
+                           rngs={'dropout': rng})
     total, count = losses.cross_entropy(logits, batch['targets'],
                                         batch['loss_mask'])
     if z_loss:
       total = total + z_loss * losses.z_loss_sum(logits, batch['loss_mask'])
     return total, count
 
-  def micro_grads(params, micro):
+  def micro_grads(params, micro, rng):
     (total, count), grads = jax.value_and_grad(loss_sums, has_aux=True)(
-        params, micro)
+        params, micro, rng)
     return total, count, grads
 
   @jax.jit
-  def train_step(state, batch):
+  def train_step(state, batch, rng=None):
+    """rng: the step's dropout key (fold_in(seed key, step)), or None."""
     params = state['params']
+    num_micro = jax.tree.leaves(batch)[0].shape[0]
 
-    def body(carry, micro):
+    def body(carry, xs):
+      micro, i = xs
       total, count, grads = carry
-      t, c, g = micro_grads(params, micro)
+      key = None if rng is None else jax.random.fold_in(rng, i)
+      t, c, g = micro_grads(params, micro, key)
       return (total + t, count + c,
               jax.tree.map(jnp.add, grads, g)), None
 
     zeros = jax.tree.map(jnp.zeros_like, params)
     (total, count, grads), _ = jax.lax.scan(
-        body, (jnp.float32(0), jnp.float32(0), zeros), batch)
+        body, (jnp.float32(0), jnp.float32(0), zeros),
+        (batch, jnp.arange(num_micro)))
     count = jnp.maximum(count, 1.0)
     loss = total / count
     grads = jax.tree.map(lambda g: g / count, grads)
@@ -355,6 +364,7 @@ def train(*, workdir: str,
            'loss_ema': jnp.float32(0), 'bad_steps': jnp.int32(0)}
   train_step, eval_step = make_train_step(cfg, opt, z_loss=opt_cfg.z_loss,
                                           policy=policy)
+  dropout_key = jax.random.fold_in(jax.random.PRNGKey(seed), 1)
 
   manager = ocp.CheckpointManager(
       os.path.join(workdir, 'checkpoints'),
@@ -408,7 +418,9 @@ def train(*, workdir: str,
                      ' evaluating only.')
   with _preemption_flag() as preempted:
     for step in range(start, train_steps):
-      state, m = train_step(state, micro_batches(step))
+      rng = (jax.random.fold_in(dropout_key, step)
+             if cfg.dropout_rate > 0 else None)
+      state, m = train_step(state, micro_batches(step), rng)
       done = step + 1
       if bool(m['skipped']):
         skipped += 1

@@ -35,14 +35,21 @@ REMAT_POLICIES = {
 
 
 class Block(nn.Module):
-  """One layer: pre-LN or DeepNorm (post-LN) attention + feed-forward."""
+  """One layer: pre-LN or DeepNorm (post-LN) attention + feed-forward.
+
+  With `cfg.dropout_rate` > 0 and deterministic=False, dropout applies to the
+  attention and FFN outputs before they join the residual stream (BLOOM's
+  hidden dropout); its keys come from the 'dropout' rng stream.
+  """
   cfg: ModelConfig
+  deterministic: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array, ctx: AttentionInputs):
     cfg = self.cfg
-    attn = Attention(cfg, name='attention')
-    mlp = Mlp(cfg, name='mlp')
+    drop = nn.Dropout(cfg.dropout_rate, deterministic=self.deterministic)
+    attn = lambda h, c: drop(Attention(cfg, name='attention')(h, c))
+    mlp = lambda h: drop(Mlp(cfg, name='mlp')(h))
     ln1 = Norm(cfg, name='input_norm')
     ln2 = Norm(cfg, name='post_attention_norm')
     if cfg.norm_layout == 'deepnorm':
@@ -64,8 +71,10 @@ class Transformer(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, batch: dict[str, jax.Array]) -> jax.Array:
+  def __call__(self, batch: dict[str, jax.Array], *,
+               deterministic: bool = True) -> jax.Array:
     cfg = self.cfg
+    deterministic = deterministic or cfg.dropout_rate == 0.0
     tokens = batch['tokens']
     embed = Embed(cfg, name='embed')
     x = embed(tokens)  # [B, T, E]
@@ -92,10 +101,10 @@ class Transformer(nn.Module):
           split_rngs={'params': True, 'dropout': True},
           in_axes=(nn.broadcast,), length=cfg.num_layers,
           metadata_params={nn.PARTITION_NAME: 'layers'},
-      )(cfg, name='layers')(x, ctx)
+      )(cfg, deterministic, name='layers')(x, ctx)
     else:
       for i in range(cfg.num_layers):
-        x, _ = block(cfg, name=f'layers_{i}')(x, ctx)
+        x, _ = block(cfg, deterministic, name=f'layers_{i}')(x, ctx)
 
     if cfg.final_norm:
       x = Norm(cfg, name='final_norm')(x)

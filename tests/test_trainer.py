@@ -314,3 +314,26 @@ def test_cross_entropy_and_its_gradient_match_log_softmax():
                              jax.grad(reference)(logits), atol=1e-6)
   assert float(losses.cross_entropy(logits, targets, mask)[1]) == float(
       mask.sum())
+
+
+def test_dropout_is_seeded_per_step_and_off_at_eval():
+  cfg = CFG.replace(dropout_rate=0.5)
+  params = transformer.init_params(cfg, jax.random.PRNGKey(0))
+  model = transformer.Transformer(cfg)
+  batch = {'tokens': jnp.asarray(_batch(0)['tokens'])}
+  plain = model.apply({'params': params}, batch)
+  assert np.array_equal(plain, transformer.Transformer(
+      cfg.replace(dropout_rate=0.0)).apply({'params': params}, batch))
+  drop = lambda k: model.apply({'params': params}, batch,
+                               deterministic=False, rngs={'dropout': k})
+  k1, k2 = jax.random.PRNGKey(1), jax.random.PRNGKey(2)
+  assert np.array_equal(drop(k1), drop(k1))
+  assert not np.allclose(drop(k1), drop(k2))
+  assert not np.allclose(drop(k1), plain)
+  opt = optax.sgd(1e-2)
+  step, _ = train_lib.make_train_step(cfg, opt)
+  b = {k: jnp.asarray(v)[None] for k, v in _batch(0).items()}
+  _, m1 = step(_state(opt, params), b, k1)
+  _, m2 = step(_state(opt, params), b, k1)
+  _, m3 = step(_state(opt, params), b, None)
+  assert float(m1['loss']) == float(m2['loss']) != float(m3['loss'])
