@@ -29,6 +29,7 @@ import transformers
 from glm import hf_bloom
 from glm import model_info
 from glm import scoring
+from glm import train as train_lib
 
 
 def _time(fn, repeats: int) -> float:
@@ -37,13 +38,6 @@ def _time(fn, repeats: int) -> float:
   for _ in range(repeats):
     fn()
   return (time.perf_counter() - t) / repeats
-
-
-def matmul_ceiling(n: int = 2048, repeats: int = 5) -> float:
-  a = jnp.ones((n, n), jnp.float32)
-  f = jax.jit(lambda a: a @ a)
-  dt = _time(lambda: f(a).block_until_ready(), repeats)
-  return 2 * n ** 3 / dt
 
 
 def main() -> None:
@@ -90,7 +84,7 @@ def main() -> None:
 
   diff = float(np.abs(np.asarray(glm_lp()) - hf_lp().numpy()).max())
   flops = model_info.info(cfg, args.seq_len)['forward_flops_per_token']
-  ceiling = matmul_ceiling()
+  ceiling = train_lib.measure_peak_flops('float32')
   rows = {
       'glm_tokens_per_s': n_tokens / t_glm,
       'hf_tokens_per_s': n_tokens / t_hf,

@@ -55,19 +55,6 @@ OPT = optimizers.OptimizerConfig(learning_rate=1e-3, warmup_steps=10,
 TOTAL_STEPS = 1000
 
 
-def matmul_ceiling(n: int = 2048, repeats: int = 5) -> float:
-  """fp32 FLOP/s of a large square jnp matmul (best of `repeats`)."""
-  a = jnp.ones((n, n), jnp.float32)
-  f = jax.jit(lambda a: a @ a)
-  f(a).block_until_ready()
-  best = float('inf')
-  for _ in range(repeats):
-    t = time.perf_counter()
-    f(a).block_until_ready()
-    best = min(best, time.perf_counter() - t)
-  return 2 * n ** 3 / best
-
-
 def lm_batch(tokens: np.ndarray) -> dict[str, jax.Array]:
   """Next-token batch: targets are tokens shifted left, last position masked
   (the same T - 1 predictions HF's `labels=tokens` loss averages)."""
@@ -204,7 +191,7 @@ def main() -> None:
   t_hf = time_steps(hf_step, args.steps, lambda loss: loss.item())
 
   flops = model_info.info(cfg, args.seq_len)['flops_per_token'] * n_tokens
-  ceiling = matmul_ceiling()
+  ceiling = train_lib.measure_peak_flops('float32')
   rows = {
       'glm_tokens_per_s': n_tokens / t_glm,
       'hf_tokens_per_s': n_tokens / t_hf,
