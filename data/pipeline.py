@@ -27,16 +27,18 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-from typing import Any, Mapping, Sequence
+import os
+from typing import Any, Mapping
 
 import numpy as np
 
-from glm.data import token_stream
 from glm.data import corpus
 from glm.data import glm_objective
 from glm.data import instructions
 from glm.data import objectives
 from glm.data import packing
+from glm.data import token_stream
+from glm.data import tokenizer as tokenizer_lib
 from glm.data import ul2_objective
 
 TASKS = ('causal_lm', 'glm_blank_infilling', 'ul2_mixture', 'instruction')
@@ -304,17 +306,9 @@ def preview_record(example: Mapping[str, Any],
 def open_split(data_dir: str, split: str, *, vocab_size: int = 4096,
                seed: int = 0) -> SplitData:
   """Builds (if needed) the corpus and tokenizer under data_dir; loads a split."""
-  import os  # pylint: disable=g-import-not-at-top
-  from glm.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   corpus_dir = os.path.join(data_dir, 'corpus')
   corpus.ensure_corpus(corpus_dir)
   tok_path = tokenizer_lib.ensure_tokenizer(
       corpus_dir, os.path.join(data_dir, f'spm_{vocab_size}'),
       vocab_size=vocab_size, seed=seed)
   return SplitData(corpus_dir, tokenizer_lib.Tokenizer(tok_path), split)
-
-
-def stack_examples(examples: Sequence[dict]) -> dict[str, np.ndarray]:
-  """Unpacked examples -> one row each (for tests and previews)."""
-  n = max(packing.example_length(e) for e in examples)
-  return packing.stack_rows([packing.pack([e], n) for e in examples])

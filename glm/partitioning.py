@@ -12,9 +12,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import flax.linen as nn
-import jax
-
 # Logical names used by the model:
 #   batch, length          activations' leading axes
 #   embed                  model width (hidden)
@@ -38,13 +35,3 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 LOGICAL_NAMES = frozenset(name for name, _ in LOGICAL_AXIS_RULES)
-
-
-def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
-  """Annotates an activation with logical axis names (no-op without a mesh)."""
-  return nn.with_logical_constraint(x, names)
-
-
-def param_logical_axes(boxed_params: Any) -> Any:
-  """Returns a pytree of logical-name tuples matching the params' structure."""
-  return nn.get_partition_spec(boxed_params)
