@@ -76,16 +76,16 @@ class Transformer(nn.Module):
     cfg = self.cfg
     deterministic = deterministic or cfg.dropout_rate == 0.0
     tokens = batch['tokens']
+    if batch.get('position_ids') is None:  # once, for embeddings and attention
+      batch = dict(batch, position_ids=positions.default_position_ids(
+          tokens, batch.get('segment_ids')))
     embed = Embed(cfg, name='embed')
     x = embed(tokens)  # [B, T, E]
     x = shrink_gradient(x, cfg.embed_grad_shrink)
     if cfg.position == 'learned':
       table = param(self, 'position_embedding', normal_init(cfg.init_std),
                     (cfg.max_len, cfg.hidden), ('position', 'embed'))
-      pos = batch.get('position_ids')
-      if pos is None:
-        pos = positions.default_position_ids(tokens, batch.get('segment_ids'))
-      x = x + jnp.take(table, pos, axis=0).astype(x.dtype)
+      x = x + jnp.take(table, batch['position_ids'], axis=0).astype(x.dtype)
     if cfg.embed_norm:
       x = Norm(cfg, name='embed_norm')(x)
     x = nn.with_logical_constraint(x, _ACT)
