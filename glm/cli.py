@@ -1,6 +1,9 @@
 """The `glm` command line: `glm <subcommand> ...` or `python -m glm ...`.
 
   glm info    --gin_file F [--gin.NAME=VALUE ...] [--seq_len T]
+  glm plan    --gin_file F --mesh tensor=4,pipeline=12 --device_memory 80GB
+              [--zero1] [--micro_batch N] [--seq_len T] [--microbatches M]
+              [--remat full|dots|dots_no_batch|none] [--dtype D] [--json]
   glm train   --gin_file F [--gin_file F2 ...] [--gin.NAME=VALUE ...] --workdir W
   glm convert hf-to-glm --hf_dir D --out C
   glm convert glm-to-hf --checkpoint C --out D
@@ -34,6 +37,29 @@ def _parser() -> argparse.ArgumentParser:
   info.add_argument('--seq_len', type=int, default=None,
                     help='sequence length for the attention FLOPs '
                     '(default: the model max_len)')
+
+  plan = sub.add_parser('plan', help='will it fit? per-device memory of '
+                        'parameters, gradients, optimiser state and '
+                        'activations on a mesh (nothing is allocated)')
+  plan.add_argument('--gin_file', action='append', required=True)
+  plan.add_argument('--mesh', default='',
+                    help="axis sizes, e.g. 'tensor=4,pipeline=12,data=8'")
+  plan.add_argument('--device_memory', required=True,
+                    help='per-device memory: 80GB, 80G, 80e9 or 96GiB')
+  plan.add_argument('--zero1', action='store_true',
+                    help='shard the optimiser state over data (ZeRO-1)')
+  plan.add_argument('--micro_batch', type=int, default=None,
+                    help='rows per accumulation round (default: one row per '
+                    'data shard per pipeline microbatch)')
+  plan.add_argument('--seq_len', type=int, default=None)
+  plan.add_argument('--microbatches', type=int, default=None,
+                    help='pipeline microbatches (default: one per stage)')
+  plan.add_argument('--remat', default=None,
+                    help='none, full, dots or dots_no_batch (default: the '
+                    "model's remat_policy)")
+  plan.add_argument('--dtype', default='bfloat16', help='compute dtype')
+  plan.add_argument('--json', action='store_true',
+                    help='print a JSON object instead of the table')
 
   train = sub.add_parser('train', help='train a model (t5x-style gin run)')
   train.add_argument('--gin_file', action='append', required=True)
@@ -104,6 +130,22 @@ def _cmd_info(args, bindings) -> None:
   print(json.dumps(model_info.info(ModelConfig(), args.seq_len)))
 
 
+def _cmd_plan(args, bindings) -> None:
+  from glm import gin_config  # pylint: disable=g-import-not-at-top
+  from glm import mesh  # pylint: disable=g-import-not-at-top
+  from glm import plan  # pylint: disable=g-import-not-at-top
+  from glm.config import ModelConfig  # pylint: disable=g-import-not-at-top
+  gin_config.parse(args.gin_file, bindings)
+  overrides = {'zero1': True} if args.zero1 else {}
+  if args.microbatches is not None:
+    overrides['microbatches'] = args.microbatches
+  mc = mesh.MeshConfig.parse(args.mesh, **overrides)
+  result = plan.plan(ModelConfig(), mc, device_memory=args.device_memory,
+                     micro_batch=args.micro_batch, seq_len=args.seq_len,
+                     remat=args.remat, dtype=args.dtype)
+  print(json.dumps(result) if args.json else plan.format_plan(result))
+
+
 def _cmd_train(args, bindings) -> None:
   from glm import gin_config  # pylint: disable=g-import-not-at-top
   from glm import train  # pylint: disable=g-import-not-at-top
@@ -147,7 +189,7 @@ def _cmd_score(args, bindings) -> None:
               batch_size=args.batch_size)
 
 
-_COMMANDS = {'info': _cmd_info, 'train': _cmd_train,
+_COMMANDS = {'info': _cmd_info, 'plan': _cmd_plan, 'train': _cmd_train,
              'convert': _cmd_convert, 'score': _cmd_score,
              'data': _cmd_data}
 
@@ -161,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.rest = extra  # options of glm.data.report_cli
   elif extra:
     _parser().error(f'unrecognized arguments: {" ".join(extra)}')
-  if bindings and args.command not in ('info', 'train'):
+  if bindings and args.command not in ('info', 'plan', 'train'):
     _parser().error(f'--gin.* bindings are not used by {args.command}.')
   bad = [b for b in bindings if '=' not in b]
   if bad:

@@ -12,16 +12,21 @@ def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
 
   Its own backward, softmax - one_hot, is one fused pass over the logits
   (autodiff of log_softmax + take_along_axis makes several, plus a scatter).
+  The target logit is picked with a masked sum, a reduction over the vocab
+  axis, so with vocab-parallel logits every device reduces its own shard and
+  the full vocabulary is never gathered (a gather would be).
   """
-  lse = jax.nn.logsumexp(logits, axis=-1)
-  picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  return lse - picked
+  return _token_nll_fwd(logits, targets)[0]
+
+
+def _picked(logits, targets):
+  vocab = jnp.arange(logits.shape[-1], dtype=targets.dtype)
+  return jnp.sum(jnp.where(vocab == targets[..., None], logits, 0.0), -1)
 
 
 def _token_nll_fwd(logits, targets):
   lse = jax.nn.logsumexp(logits, axis=-1)
-  picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  return lse - picked, (logits, targets, lse)
+  return lse - _picked(logits, targets), (logits, targets, lse)
 
 
 def _token_nll_bwd(res, g):

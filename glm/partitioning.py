@@ -5,7 +5,14 @@ names (`nn.with_logical_partitioning` / `nn.with_logical_constraint`). Outside
 of a mesh context the constraints are no-ops, so the model runs unchanged on one
 device; `LOGICAL_AXIS_RULES` is what a sharded run hands to
 `nn.logical_axis_rules` to place each logical axis on the mesh axes
-(`data`, `fsdp`, `tensor`, `pipeline`).
+(`data`, `fsdp`, `tensor`, `pipeline`; see glm/mesh.py). A run can replace the
+table in gin: `glm.mesh.axis_rules.table = [('batch', ('data', 'fsdp')), ...]`.
+
+The defaults give: data parallelism (batch over data and fsdp), FSDP (the
+embed dimension of every weight over fsdp), Megatron tensor parallelism
+(column-parallel q/k/v and FFN-in on heads / mlp, row-parallel attention-out
+and FFN-out on the same axes, vocab-parallel embedding and logits) and stages
+of the stacked layer axis over pipeline.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ('kv', None),
     ('mlp', 'tensor'),
     ('vocab', 'tensor'),
-    ('layers', None),
+    ('layers', 'pipeline'),
     ('position', None),
     ('glu', None),
 )

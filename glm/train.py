@@ -34,6 +34,7 @@ import sys
 import time
 from typing import Any
 
+import flax.linen as nn
 import gin
 import jax
 import jax.numpy as jnp
@@ -44,6 +45,7 @@ import orbax.checkpoint as ocp
 from glm import checkpoint as model_checkpoint
 from glm import decoding
 from glm import losses
+from glm import mesh as mesh_lib
 from glm import model_info
 from glm import optimizers
 from glm import transformer
@@ -68,15 +70,28 @@ class FailurePolicy:
 
 
 def make_train_step(cfg: ModelConfig, opt: optax.GradientTransformation, *,
-                    z_loss: float = 0.0, policy: FailurePolicy = FailurePolicy()):
+                    z_loss: float = 0.0, policy: FailurePolicy = FailurePolicy(),
+                    mesh_cfg: mesh_lib.MeshConfig | None = None,
+                    mesh: jax.sharding.Mesh | None = None):
   """Returns jitted (train_step, eval_step).
 
   train_step(state, batch [A, B, T]) accumulates gradients over A micro-
   batches (token-weighted), then applies the update unless the loss or the
   gradients are not finite, or the loss spikes; such steps leave the state
   unchanged but count in `bad_steps`.
+
+  With a `mesh`, both run sharded: parameters, gradients and optimiser state
+  as `glm.mesh.state_shardings` says (FSDP, ZeRO-1, tensor, pipeline stages),
+  activations by the logical constraints in the model, the batch split over
+  the data axes; the layer stack is pipelined when `mesh_cfg.pipeline` > 1.
   """
-  model = transformer.Transformer(cfg)
+  sharded = mesh is not None
+  if sharded:
+    mesh_cfg = mesh_cfg or mesh_lib.MeshConfig()
+    model = transformer.Transformer(cfg, mesh_cfg, mesh)
+    param_shardings = mesh_lib.to_shardings(mesh_lib.param_specs(cfg), mesh)
+  else:
+    model = transformer.Transformer(cfg)
 
   def loss_sums(params, batch, rng):
     if rng is None:  # no dropout
@@ -95,7 +110,6 @@ def make_train_step(cfg: ModelConfig, opt: optax.GradientTransformation, *,
         params, micro, rng)
     return total, count, grads
 
-  @jax.jit
   def train_step(state, batch, rng=None):
     """rng: the step's dropout key (fold_in(seed key, step)), or None."""
     params = state['params']
@@ -116,6 +130,8 @@ def make_train_step(cfg: ModelConfig, opt: optax.GradientTransformation, *,
     count = jnp.maximum(count, 1.0)
     loss = total / count
     grads = jax.tree.map(lambda g: g / count, grads)
+    if sharded:  # gradients live where their parameters live
+      grads = jax.lax.with_sharding_constraint(grads, param_shardings)
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     ema = state['loss_ema']
@@ -138,12 +154,46 @@ def make_train_step(cfg: ModelConfig, opt: optax.GradientTransformation, *,
     return new_state, {'loss': loss, 'grad_norm': grad_norm, 'skipped': ~ok,
                        'nonfinite': ~finite, 'tokens': count}
 
-  @jax.jit
   def eval_step(params, batch):
     logits = model.apply({'params': params}, batch)
     return losses.cross_entropy(logits, batch['targets'], batch['loss_mask'])
 
-  return train_step, eval_step
+  if not sharded:
+    return jax.jit(train_step), jax.jit(eval_step)
+  return (_ShardedStep(train_step, cfg, mesh_cfg, mesh, state_out=True),
+          _ShardedStep(eval_step, cfg, mesh_cfg, mesh, state_out=False))
+
+
+class _ShardedStep:
+  """jit with the state's shardings, traced under the mesh and axis rules.
+
+  The output state keeps the shardings of `glm.mesh.state_shardings` (they
+  are computed from the first state it sees); inputs keep theirs.
+  """
+
+  def __init__(self, fn, cfg, mesh_cfg, mesh, *, state_out: bool):
+    self.fn, self.cfg, self.mesh_cfg, self.mesh = fn, cfg, mesh_cfg, mesh
+    self.state_out = state_out
+    self.jitted = None
+
+  def __call__(self, *args):
+    if self.jitted is None:
+      out = None
+      if self.state_out:
+        out = (mesh_lib.state_shardings(args[0], self.cfg, self.mesh_cfg,
+                                        self.mesh), None)
+      self.jitted = jax.jit(self.fn, out_shardings=out)
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(mesh_lib.rules()):
+      return self.jitted(*args)
+
+  def lower(self, *args):
+    """Lowers without running (for `glm plan` style checks)."""
+    out = None
+    if self.state_out:
+      out = (mesh_lib.state_shardings(args[0], self.cfg, self.mesh_cfg,
+                                      self.mesh), None)
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(mesh_lib.rules()):
+      return jax.jit(self.fn, out_shardings=out).lower(*args)
 
 
 def measure_peak_flops(dtype: str, n: int = 2048, repeats: int = 5) -> float:

@@ -67,8 +67,15 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-  """Embedding -> [embedding LN] -> N blocks -> [final norm] -> logits."""
+  """Embedding -> [embedding LN] -> N blocks -> [final norm] -> logits.
+
+  With `mesh_cfg.pipeline` > 1 (and `mesh`), the scanned layer stack runs
+  pipelined over the mesh's `pipeline` axis (glm.pipelining) on the same
+  parameters; initialise with the plain model (`init_params`).
+  """
   cfg: ModelConfig
+  mesh_cfg: Any = None   # glm.mesh.MeshConfig
+  mesh: Any = None       # jax.sharding.Mesh
 
   @nn.compact
   def __call__(self, batch: dict[str, jax.Array], *,
@@ -95,7 +102,9 @@ class Transformer(nn.Module):
     if cfg.remat_policy != 'none':
       block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat_policy],
                        prevent_cse=not cfg.scan_layers)
-    if cfg.scan_layers:
+    if self.mesh_cfg is not None and self.mesh_cfg.pipeline > 1:
+      x = self._pipelined_layers(x, batch, deterministic)
+    elif cfg.scan_layers:
       x, _ = nn.scan(
           block, variable_axes={'params': 0},
           split_rngs={'params': True, 'dropout': True},
@@ -121,6 +130,24 @@ class Transformer(nn.Module):
       real = jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size
       logits = jnp.where(real, logits, jnp.finfo(jnp.float32).min)
     return logits
+
+
+  def _pipelined_layers(self, x, batch, deterministic):
+    from glm import pipelining  # pylint: disable=g-import-not-at-top
+    layer_params = self.get_variable('params', 'layers')
+    if layer_params is None:
+      raise ValueError('a pipelined Transformer cannot initialise parameters;'
+                       ' use transformer.init_params(cfg, rng).')
+    cfg = self.cfg
+
+    def block_fn(p, h, ctx, key):
+      rngs = None if key is None else {'dropout': key}
+      return Block(cfg, deterministic).apply({'params': p}, h, ctx,
+                                             rngs=rngs)[0]
+
+    rng = None if deterministic else self.make_rng('dropout')
+    return pipelining.run_layers(cfg, self.mesh_cfg, self.mesh, layer_params,
+                                 x, batch, block_fn=block_fn, rng=rng)
 
 
 def dummy_batch(cfg: ModelConfig, batch_size: int = 1,

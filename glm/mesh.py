@@ -1,0 +1,288 @@
+"""The device mesh, its validation, and the shardings of a training state.
+
+One mesh with four named axes, outermost first:
+
+  pipeline  stages of the layer stack (glm.pipelining)
+  data      data-parallel replicas (with `zero1`, optimiser state is split too)
+  fsdp      data parallelism that also splits parameters, gradients and
+            optimiser state (ZeRO-3 / FSDP)
+  tensor    Megatron tensor parallelism (heads, FFN width, vocabulary)
+
+Logical axis names on parameters and activations reach the mesh through the
+one rule table `glm.partitioning.LOGICAL_AXIS_RULES`. On one device every axis
+has size 1 and the run is the unsharded one.
+
+  mesh_cfg = MeshConfig.parse('data=2,tensor=2,pipeline=2')
+  mesh = make_mesh(mesh_cfg)                       # needs 8 devices
+  shardings = state_shardings(state, cfg, mesh_cfg, mesh)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import gin
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from glm import partitioning
+from glm import transformer
+from glm.config import ModelConfig
+
+MESH_AXES = ('pipeline', 'data', 'fsdp', 'tensor')
+BATCH_AXES = ('data', 'fsdp')  # mesh axes the batch dimension is split over
+
+
+class MeshError(ValueError):
+  """A mesh that does not fit the model, the batch or the devices."""
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Sizes of the mesh axes, ZeRO-1 and the pipeline schedule.
+
+  data, fsdp, tensor, pipeline: axis sizes (their product is the number of
+    devices).
+  zero1: also split the optimiser state over the `data` replicas (BLOOM's
+    ZeRO stage 1); parameters and gradients stay replicated on `data`.
+  schedule: 'gpipe' or 'circular' (only used when pipeline > 1).
+  microbatches: pipeline microbatches per micro-batch (0: one per stage).
+  repeats: circular schedule only; each stage holds this many chunks of
+    layers (layers are split into pipeline x repeats chunks).
+  """
+  data: int = 1
+  fsdp: int = 1
+  tensor: int = 1
+  pipeline: int = 1
+  zero1: bool = False
+  schedule: str = 'gpipe'
+  microbatches: int = 0
+  repeats: int = 1
+
+  @property
+  def shape(self) -> dict[str, int]:
+    return {a: getattr(self, a) for a in MESH_AXES}
+
+  @property
+  def num_devices(self) -> int:
+    return math.prod(self.shape.values())
+
+  @property
+  def num_microbatches(self) -> int:
+    return self.microbatches or self.pipeline
+
+  @property
+  def batch_shards(self) -> int:
+    return self.data * self.fsdp
+
+  def describe(self) -> str:
+    text = ','.join(f'{a}={n}' for a, n in self.shape.items() if n > 1)
+    return text or 'one device'
+
+  @classmethod
+  def parse(cls, text: str, **overrides) -> 'MeshConfig':
+    """'data=2,tensor=2,pipeline=2' -> MeshConfig (axes left out are 1)."""
+    sizes = {}
+    for part in filter(None, (p.strip() for p in text.split(','))):
+      name, _, value = part.partition('=')
+      name = name.strip()
+      if name not in MESH_AXES:
+        raise MeshError(f'--mesh {text!r}: unknown axis {name!r}; use '
+                        f'{", ".join(MESH_AXES)} as in data=2,tensor=2.')
+      try:
+        sizes[name] = int(value)
+      except ValueError:
+        raise MeshError(f'--mesh {text!r}: {part!r} needs an integer size, '
+                        'as in tensor=2.') from None
+      if sizes[name] < 1:
+        raise MeshError(f'--mesh {text!r}: {name}={sizes[name]} must be >= 1.')
+    return dataclasses.replace(cls(), **{**overrides, **sizes})
+
+  def bubble_fraction(self) -> float:
+    """Idle share of the pipeline schedule: (S - 1) / (M * R + S - 1)."""
+    s = self.pipeline
+    if s == 1:
+      return 0.0
+    return (s - 1) / (self.num_microbatches * self.repeats + s - 1)
+
+
+def validate(mc: MeshConfig, cfg: ModelConfig, *, micro_batch: int,
+             num_devices: int | None = None) -> None:
+  """Checks the mesh against devices, model and batch; one-line errors."""
+  if num_devices is not None and mc.num_devices != num_devices:
+    raise MeshError(
+        f'mesh {mc.describe()} uses {mc.num_devices} devices but there are '
+        f'{num_devices}; make the product of the axis sizes {num_devices}.')
+  t = mc.tensor
+  for what, n in (('num_heads', cfg.num_heads), ('mlp_dim', cfg.mlp_dim),
+                  ('padded vocabulary', cfg.padded_vocab_size)):
+    if n % t:
+      fix = ('set ModelConfig.vocab_pad_multiple to a multiple of '
+             f'{128 * t}' if what == 'padded vocabulary'
+             else f'choose tensor dividing {n}')
+      raise MeshError(f'{what}={n} is not divisible by tensor={t}; {fix}.')
+  if cfg.hidden % mc.fsdp:
+    raise MeshError(f'hidden={cfg.hidden} is not divisible by fsdp={mc.fsdp}; '
+                    'choose fsdp dividing the hidden size.')
+  if mc.schedule not in ('gpipe', 'circular'):
+    raise MeshError(f'schedule={mc.schedule!r} is not gpipe or circular.')
+  if mc.repeats < 1 or (mc.repeats > 1 and mc.schedule != 'circular'):
+    raise MeshError(f'repeats={mc.repeats} needs schedule=circular and >= 1.')
+  if mc.pipeline > 1:
+    chunks = mc.pipeline * mc.repeats
+    if cfg.num_layers % chunks:
+      raise MeshError(
+          f'num_layers={cfg.num_layers} does not split into pipeline='
+          f'{mc.pipeline} x repeats={mc.repeats} = {chunks} equal chunks; '
+          'change the pipeline size or repeats.')
+    if not cfg.scan_layers:
+      raise MeshError('pipeline parallelism needs ModelConfig.scan_layers = '
+                      'True (the stages split the stacked layer axis).')
+    m = mc.num_microbatches
+    if m < mc.pipeline and mc.schedule == 'circular':
+      raise MeshError(f'microbatches={m} is smaller than pipeline='
+                      f'{mc.pipeline}; the circular schedule needs at least '
+                      'one microbatch per stage.')
+    if micro_batch % m:
+      raise MeshError(f'micro-batch {micro_batch} is not divisible by '
+                      f'{m} pipeline microbatches; pick a divisor.')
+    rows = micro_batch // m
+  else:
+    rows = micro_batch
+  if rows % mc.batch_shards:
+    where = (f'pipeline microbatch of {rows} rows' if mc.pipeline > 1
+             else f'micro-batch {rows}')
+    raise MeshError(f'{where} is not divisible by data x fsdp = '
+                    f'{mc.batch_shards}; change the batch or the mesh.')
+
+
+def make_mesh(mc: MeshConfig,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A Mesh over `devices` (default: all) with the four named axes."""
+  devices = list(jax.devices() if devices is None else devices)
+  if len(devices) != mc.num_devices:
+    raise MeshError(
+        f'mesh {mc.describe()} uses {mc.num_devices} devices but there are '
+        f'{len(devices)}; make the product of the axis sizes {len(devices)}.')
+  grid = np.asarray(devices).reshape([mc.shape[a] for a in MESH_AXES])
+  return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+@gin.configurable('glm.mesh.axis_rules')
+def rules(table=partitioning.LOGICAL_AXIS_RULES) -> tuple[tuple[str, Any], ...]:
+  """The logical-axis -> mesh-axis rule table (replaceable in gin)."""
+  return tuple((name, tuple(axes) if isinstance(axes, list) else axes)
+               for name, axes in table)
+
+
+def logical_to_spec(names: tuple[str | None, ...]) -> P:
+  return nn.logical_to_mesh_axes(names, rules())
+
+
+def _spec_axes(entry) -> tuple[str, ...]:
+  if entry is None:
+    return ()
+  return tuple(entry) if isinstance(entry, (tuple, list)) else (entry,)
+
+
+def zero1_spec(spec: P, shape: tuple[int, ...], mesh_shape: dict[str, int]
+               ) -> P:
+  """Adds the `data` axis to the largest dimension it divides evenly.
+
+  ZeRO-1: each data replica keeps 1/data of every optimiser-state tensor.
+  Tensors with no evenly divisible dimension (scalars, tiny biases) stay as
+  they are.
+  """
+  data = mesh_shape['data']
+  entries = list(spec) + [None] * (len(shape) - len(spec))
+  if data == 1 or any('data' in _spec_axes(e) for e in entries):
+    return spec
+  best = None
+  for i, (n, e) in enumerate(zip(shape, entries)):
+    split = math.prod(mesh_shape[a] for a in _spec_axes(e))
+    if n % (split * data) == 0 and (best is None or n > shape[best]):
+      best = i
+  if best is None:
+    return spec
+  entries[best] = _spec_axes(entries[best]) + ('data',)
+  entries = [e[0] if isinstance(e, tuple) and len(e) == 1 else e
+             for e in entries]
+  return P(*entries)
+
+
+def param_specs(cfg: ModelConfig) -> Any:
+  """PartitionSpecs of the parameters from their logical axis names."""
+  return jax.tree.map(logical_to_spec, transformer.logical_axes(cfg),
+                      is_leaf=lambda x: isinstance(x, P))
+
+
+def _path_key(path) -> tuple:
+  return tuple(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))
+               for k in path)
+
+
+def state_specs(state: Any, cfg: ModelConfig, mc: MeshConfig) -> Any:
+  """PartitionSpecs for a train state {params, opt_state, ...}.
+
+  Parameters follow the rule table. Optimiser-state leaves that mirror a
+  parameter (Adam's mu and nu) get that parameter's spec, plus `data` with
+  ZeRO-1; everything else (step counts, scalars) is replicated.
+  """
+  pspecs = param_specs(cfg)
+  by_path = {_path_key(p): s for p, s in
+             jax.tree_util.tree_flatten_with_path(
+                 pspecs, is_leaf=lambda x: isinstance(x, P))[0]}
+  shapes = {_path_key(p): np.shape(x) for p, x in
+            jax.tree_util.tree_flatten_with_path(state['params'])[0]}
+  depth = max(len(k) for k in by_path)
+
+  def for_opt_leaf(path, x):
+    key = _path_key(path)
+    for n in range(min(depth, len(key)), 0, -1):
+      spec = by_path.get(key[-n:])
+      if spec is not None and shapes[key[-n:]] == np.shape(x):
+        return zero1_spec(spec, np.shape(x), mc.shape) if mc.zero1 else spec
+    return P()
+
+  specs = {k: jax.tree.map(lambda _: P(), v) for k, v in state.items()}
+  specs['params'] = pspecs
+  if 'opt_state' in state:
+    specs['opt_state'] = jax.tree_util.tree_map_with_path(
+        for_opt_leaf, state['opt_state'])
+  return specs
+
+
+def to_shardings(specs: Any, mesh: Mesh) -> Any:
+  return jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
+                      is_leaf=lambda x: isinstance(x, P))
+
+
+def state_shardings(state: Any, cfg: ModelConfig, mc: MeshConfig,
+                    mesh: Mesh) -> Any:
+  return to_shardings(state_specs(state, cfg, mc), mesh)
+
+
+def batch_spec(ndim: int, *, leading: int = 1) -> P:
+  """Spec of a batch field [A, B, ...] (leading = axes before B)."""
+  return P(*([None] * leading), BATCH_AXES, *([None] * (ndim - leading - 1)))
+
+
+def batch_shardings(batch: dict, mesh: Mesh, *, leading: int = 1) -> dict:
+  return {k: NamedSharding(mesh, batch_spec(np.ndim(v), leading=leading))
+          for k, v in batch.items()}
+
+
+def per_device_bytes(shape: Sequence[int], dtype, spec: P,
+                     mesh_shape: dict[str, int]) -> int:
+  """Bytes of one device's shard of an array with `spec` on a mesh."""
+  entries = list(spec) + [None] * (len(shape) - len(spec))
+  n = 1
+  for dim, e in zip(shape, entries):
+    split = math.prod(mesh_shape[a] for a in _spec_axes(e))
+    n *= -(-dim // split)
+  return n * np.dtype(dtype).itemsize

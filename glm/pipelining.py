@@ -1,0 +1,142 @@
+"""Pipeline parallelism: GPipe and circular schedules over the `pipeline` axis.
+
+The stacked layer parameters [L, ...] are cut into S x R chunks of L / (S R)
+consecutive layers (S stages = the `pipeline` mesh axis, R repeats). Chunk
+(r, s) holds layers (r S + s) L/(S R) ... and lives on stage s, so with R = 1
+(GPipe) stage s holds one contiguous block and with R > 1 (circular, as in
+MaxText / Praxis) every microbatch loops R times around the ring of stages.
+
+Inside `jax.shard_map` (manual over `pipeline` only; data, fsdp and tensor stay
+automatic, so the stage body is still data- and tensor-parallel) every stage
+runs the same program: a `lax.scan` over T = M R + S - 1 ticks. At tick t
+stage s works on item i = t - s (microbatch i mod M, repeat i div M); the
+stage body is `vmap`ped over the local stage dimension of the parameters; the
+result moves to the next stage with `lax.ppermute` (the last stage feeds stage
+0 for the next repeat, held in a buffer until stage 0 is free). The share of
+idle (stage, tick) slots is the bubble (S - 1) / (M R + S - 1).
+
+Microbatches carry their own attention context: segment ids, prefix masks,
+position ids and GLM's 2D block positions are indexed per item and turned into
+the mask / ALiBi / RoPE tables inside the stage, so every family and objective
+runs pipelined. The result equals the plain layer scan up to float rounding.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec as P
+
+from glm.attention import attention_inputs
+from glm.config import ModelConfig
+from glm.mesh import MeshConfig
+
+# Batch fields the attention context is built from (all [B, ...]).
+_CTX_FIELDS = ('tokens', 'segment_ids', 'prefix_len', 'prefix_mask',
+               'position_ids', 'block_position_ids')
+
+
+def stage_params(layer_params: Any, stages: int, repeats: int) -> Any:
+  """[L, ...] stacked layers -> [S, R, L / (S R), ...] chunks per stage."""
+  def split(a):
+    per = a.shape[0] // (stages * repeats)
+    a = a.reshape(repeats, stages, per, *a.shape[1:])  # [R, S, C, ...]
+    return jnp.swapaxes(a, 0, 1)                        # [S, R, C, ...]
+  return jax.tree.map(split, layer_params)
+
+
+def run_layers(cfg: ModelConfig, mc: MeshConfig, mesh: Mesh,
+               layer_params: Any, x: jax.Array, batch: dict, *,
+               block_fn, rng: jax.Array | None) -> jax.Array:
+  """Runs the layer stack pipelined. x: [B, T, E] -> [B, T, E].
+
+  block_fn(params_of_one_layer, x [mb, T, E], ctx, key) -> x applies one
+  layer (key: that layer's dropout key, or None).
+  """
+  s_count, repeats, m_count = mc.pipeline, mc.repeats, mc.num_microbatches
+  items = m_count * repeats
+  ticks = items + s_count - 1
+  chunk = cfg.num_layers // (s_count * repeats)
+  b = x.shape[0]
+  mb = b // m_count
+
+  def micro(a):  # [B, ...] -> [M, mb, ...]
+    return a.reshape(m_count, mb, *a.shape[1:])
+
+  xs = micro(x)
+  fields = {k: micro(batch[k]) for k in _CTX_FIELDS if batch.get(k) is not None}
+  params = stage_params(layer_params, s_count, repeats)
+
+  def stage_body(p, inp, item, field_m, key):
+    """One stage's chunk of layers on one microbatch. p: [C, ...] layers."""
+    ctx = attention_inputs(cfg, field_m)
+
+    def layer(h, xs_j):
+      p_j, j = xs_j
+      k = None if key is None else jax.random.fold_in(key, j)
+      return block_fn(p_j, h, ctx, k), None
+
+    out, _ = jax.lax.scan(layer, inp, (p, jnp.arange(chunk)))
+    return out
+
+  if cfg.remat_policy != 'none':
+    from glm.transformer import REMAT_POLICIES  # pylint: disable=g-import-not-at-top
+    stage_body = jax.checkpoint(stage_body,
+                                policy=REMAT_POLICIES[cfg.remat_policy])
+
+  def per_stage(params, xs, fields, rng):
+    # params: [1, R, C, ...] (this stage's slice); xs: [M, mb, T, E].
+    stage = jax.lax.axis_index('pipeline')
+    ring = [(j, (j + 1) % s_count) for j in range(s_count)]
+
+    def tick(carry, t):
+      cur, circ, out = carry
+      # Stage 0 files what the last stage sent for the next repeat of item
+      # t - S, then reads its input: a fresh microbatch or a circulated one.
+      back = t - s_count
+      slot = jnp.mod(back, m_count)
+      circ = jnp.where((stage == 0) & (back >= 0),
+                       circ.at[slot].set(cur), circ)
+      fresh = jnp.where(t < m_count, xs[jnp.minimum(t, m_count - 1)],
+                        circ[jnp.mod(t, m_count)])
+      inp = jnp.where(stage == 0, fresh, cur)
+
+      item = t - stage
+      valid = (item >= 0) & (item < items)
+      item_c = jnp.clip(item, 0, items - 1)
+      rep, m = item_c // m_count, jnp.mod(item_c, m_count)
+      field_m = {k: v[m] for k, v in fields.items()}
+      key = None
+      if rng is not None:  # one key per (microbatch, global layer index)
+        key = jax.random.fold_in(jax.random.fold_in(rng, m),
+                                 (rep * s_count + stage) * chunk)
+      p_r = jax.tree.map(lambda a: a[:, rep], params)  # [1, C, ...]
+      y = jax.vmap(stage_body, in_axes=(0, None, None, None, None))(
+          p_r, inp, item_c, field_m, key)[0]
+      y = jnp.where(valid, y, inp)
+
+      done = valid & (stage == s_count - 1) & (rep == repeats - 1)
+      out = jnp.where(done, out.at[m].set(y), out)
+      cur = jax.lax.ppermute(y, 'pipeline', ring)
+      return (cur, circ, out), None
+
+    zeros = jnp.zeros_like(xs)
+    (_, _, out), _ = jax.lax.scan(tick, (jnp.zeros_like(xs[0]), zeros, zeros),
+                                  jnp.arange(ticks))
+    # Only the last stage holds the outputs; share them with every stage.
+    out = jnp.where(stage == s_count - 1, out, 0.0)
+    return jax.lax.psum(out, 'pipeline')
+
+  param_specs = jax.tree.map(lambda _: P('pipeline'), params)
+  field_specs = {k: P() for k in fields}
+  args, specs = (params, xs, fields), (param_specs, P(), field_specs)
+  if rng is None:
+    body = lambda p, x, f: per_stage(p, x, f, None)
+  else:
+    body, args, specs = per_stage, args + (rng,), specs + (P(),)
+  run = jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=P(),
+                      axis_names={'pipeline'}, check_vma=False)
+  out = run(*args)
+  return out.reshape(b, *out.shape[2:])

@@ -1,0 +1,312 @@
+"""Will a training run fit? Per-device memory of a model on a mesh.
+
+Nothing is allocated: parameter shapes come from `transformer.abstract_params`
+and their shardings from `glm.mesh.param_specs`.
+
+  mc = MeshConfig.parse('tensor=4,pipeline=12,data=8', zero1=True,
+                        microbatches=16)
+  result = plan(cfg, mc, device_memory='80GB', micro_batch=128, seq_len=2048)
+  print(format_plan(result))          # or: glm plan --gin_file ... --mesh ...
+
+Per device (the most loaded one; GB = 1e9 bytes):
+
+  parameters   fp32 master weights, every leaf measured exactly with
+               `glm.mesh.per_device_bytes` under its PartitionSpec (a
+               dimension that does not split evenly counts its largest shard).
+  gradients    fp32, sharded like the parameters.
+  optimizer    Adam mu and nu, fp32, two per parameter, sharded like the
+               parameters; with ZeRO-1 also over `data` (`glm.mesh.zero1_spec`).
+  activations  the estimate below.
+
+Activations. Letters: s sequence length; R = micro_batch / (data * fsdp) rows
+of a micro-batch on one data shard; M pipeline microbatches (1 without a
+pipeline); b = R / M rows of one pipeline microbatch; h hidden; a heads; d head
+dim; f FFN width (per half for GLUs); t tensor; V padded vocabulary;
+L_s = ceil(num_layers / (pipeline * repeats)) * repeats layers on a stage;
+c = compute-dtype bytes / 2.
+
+Bytes one layer keeps for its backward, per pipeline microbatch, generalising
+Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large
+Transformer Models", Sec. 4: 16-bit activations, tensor parallelism without
+sequence parallelism), all times c:
+
+  none            s*b*(10h + (8ad + m)/t) + 5*a*s^2*b/t, m = 4f (GeLU), 6f (GLU)
+  dots            s*b*(6h + (8ad + 2gf)/t) + 2*a*s^2*b/t,  g = 1 (GeLU), 2 (GLU)
+  dots_no_batch   s*b*(6h + (6ad + 2gf)/t)
+  full            2*s*b*h
+
+`none` is the paper's s*b*h*(10 + 24/t + 5as/(ht)) when ad = h and f = 4h
+(BLOOM): 10h for the tensor-replicated tensors (two LayerNorm inputs, the q/k/v
+and FFN-in inputs, two dropout masks), 8ad/t for q, k, v and the attention
+output, 16h/t for the GeLU input and output, 5as/t for the softmax output, its
+dropout mask and output (here: fp32 probabilities, 4, and no attention
+dropout; the paper's 5 is kept). A GLU keeps both halves of its input projection and
+their product (6f). `dots` keeps the outputs of the matmuls (q, k, v, QK^T,
+AV, attention-out, FFN in and out) and the layer input; `dots_no_batch`
+(`dots_with_no_batch_dims_saveable`) drops the two attention products, whose
+dot_generals have batch dimensions; `full` keeps the layer input only.
+
+On a stage:
+
+  layers     M * L_s * (bytes one layer keeps)
+  recompute  with remat: one layer's `none` bytes, rebuilt during its backward
+  bias       4 * R * s^2 * (a/t with ALiBi, else 1): the fp32 attention bias and
+             mask [B, H|1, T, S] built once per forward for the micro-batch
+  head       R * s * (2 * 2c*h + 8*V/t): the layer stack's input and output in
+             the compute dtype, fp32 logits and their gradient (vocab-parallel)
+
+Assumptions (also listed under the table):
+  * GPipe and circular schedules as implemented here run every forward before
+    any backward, so the activations of all M microbatches stay alive on a
+    stage (a 1F1B schedule would keep at most `pipeline` of them; a scan
+    that also keeps the residuals of its P - 1 bubble iterations holds
+    M * repeats + P - 1 chunk passes, up to twice as many).
+  * Embedding, final norm, logits and loss run outside the pipeline on the
+    whole micro-batch, replicated over `pipeline`; the embedding table is
+    split by `tensor` (and `fsdp`) only, so every stage holds a full share.
+  * Uneven layer splits are estimated for the heaviest stage (ceil), with a
+    warning: Megatron-style trainers allow them, `glm train` does not.
+  * Not counted: XLA temporaries and fragmentation, collective buffers, the
+    running gradient sum when a step accumulates several micro-batches (one
+    more `gradients`), the input batch, the runtime's own reserve.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from glm import mesh as mesh_lib
+from glm import transformer
+from glm.config import DTYPES, REMAT_POLICIES, ModelConfig
+
+GB = 1e9
+_UNITS = {'': 1, 'k': 1e3, 'm': 1e6, 'g': 1e9, 't': 1e12,
+          'ki': 2 ** 10, 'mi': 2 ** 20, 'gi': 2 ** 30, 'ti': 2 ** 40}
+_SIZE = re.compile(r'^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*'
+                   r'([kmgt]i?)?(b)?\s*$', re.IGNORECASE)
+
+ASSUMPTIONS = (
+    'activations: Korthikanti et al. 2022 per layer (no sequence '
+    'parallelism), all M microbatches alive per stage (forwards, then '
+    'backwards)',
+    'embedding, logits (fp32, x2 with their gradient) and loss on the whole '
+    'micro-batch on every device; embedding table replicated over pipeline',
+    'not counted: XLA temporaries, collective buffers, a second gradient '
+    'buffer when accumulating micro-batches, runtime reserve',
+)
+
+
+def parse_bytes(text: str | float | int) -> int:
+  """'80GB', '80G', '80e9' (GB = 1e9), '96GiB' -> bytes."""
+  if isinstance(text, (int, float)) and not isinstance(text, bool):
+    value, scale = float(text), 1.0
+  else:
+    m = _SIZE.match(str(text))
+    if not m:
+      raise ValueError(f'--device_memory {text!r} is not a size; write it as '
+                       '80GB, 80G, 80e9 (bytes) or 96GiB.')
+    value, scale = float(m.group(1)), _UNITS[(m.group(2) or '').lower()]
+    if not m.group(2) and not m.group(3) and 0 < value < 1e6:
+      raise ValueError(f'--device_memory {text!r} has no unit and would be '
+                       f'{text} bytes; write {text}GB (1e9) or {text}GiB.')
+  if not value > 0:
+    raise ValueError(f'--device_memory {text!r} must be positive, as in '
+                     '80GB.')
+  return int(round(value * scale))
+
+
+def _is_spec(x) -> bool:
+  return isinstance(x, P)
+
+
+def leaf_bytes(cfg: ModelConfig, mc: mesh_lib.MeshConfig
+               ) -> dict[str, dict[str, Any]]:
+  """Per-device bytes of every parameter leaf ('layers/mlp/wi' -> {...}).
+
+  Each entry: shape, spec (the parameter's), params and grads (fp32 bytes),
+  optimizer (Adam mu + nu, fp32, ZeRO-1 spec when mc.zero1).
+  """
+  shapes = transformer.abstract_params(cfg)
+  specs = mesh_lib.param_specs(cfg)
+  mesh_shape = mc.shape
+  out = {}
+
+  def one(path, spec, leaf):
+    shape = tuple(leaf.shape)
+    p = mesh_lib.per_device_bytes(shape, np.float32, spec, mesh_shape)
+    opt_spec = (mesh_lib.zero1_spec(spec, shape, mesh_shape) if mc.zero1
+                else spec)
+    opt = 2 * mesh_lib.per_device_bytes(shape, np.float32, opt_spec,
+                                        mesh_shape)
+    name = '/'.join(str(getattr(k, 'key', k)) for k in path)
+    out[name] = {'shape': shape, 'spec': spec, 'opt_spec': opt_spec,
+                 'size': math.prod(shape), 'params': p, 'grads': p,
+                 'optimizer': opt}
+
+  jax.tree_util.tree_map_with_path(one, specs, shapes, is_leaf=_is_spec)
+  return out
+
+
+def layer_activation_bytes(cfg: ModelConfig, *, seq_len: int, rows: int,
+                           tensor: int, remat: str, dtype: str) -> float:
+  """Bytes one layer keeps for its backward (module docstring's formulas)."""
+  s, b, h, a, t = seq_len, rows, cfg.hidden, cfg.num_heads, tensor
+  ad, f = a * cfg.dims_per_head, cfg.mlp_dim
+  g = 2 if cfg.is_gated else 1
+  c = np.dtype(dtype).itemsize / 2
+  if remat == 'none':
+    mlp = 6 * f if cfg.is_gated else 4 * f
+    kept = s * b * (10 * h + (8 * ad + mlp) / t) + 5 * a * s * s * b / t
+  elif remat == 'dots':
+    kept = s * b * (6 * h + (8 * ad + 2 * g * f) / t) + 2 * a * s * s * b / t
+  elif remat == 'dots_no_batch':
+    kept = s * b * (6 * h + (6 * ad + 2 * g * f) / t)
+  else:  # 'full'
+    kept = 2 * s * b * h
+  return kept * c
+
+
+def _check_mesh(mc: mesh_lib.MeshConfig, cfg: ModelConfig,
+                micro_batch: int) -> list[str]:
+  """glm.mesh.validate, except that an uneven layer split is a warning."""
+  try:
+    mesh_lib.validate(mc, cfg, micro_batch=micro_batch)
+    return []
+  except mesh_lib.MeshError as e:
+    if mc.pipeline == 1:
+      raise
+    chunks = mc.pipeline * mc.repeats
+    padded = -(-cfg.num_layers // chunks) * chunks
+    if padded == cfg.num_layers:
+      raise
+    # Raises any other problem; passes when the split was the only one.
+    mesh_lib.validate(mc, cfg.replace(num_layers=padded),
+                      micro_batch=micro_batch)
+    return [f'{e} Estimated for the heaviest stage, '
+            f'{-(-cfg.num_layers // chunks) * mc.repeats} layers, as a '
+            'Megatron-style uneven split; glm train needs equal chunks.']
+
+
+def plan(cfg: ModelConfig, mesh_cfg: mesh_lib.MeshConfig, *,
+         device_memory: int | float | str, micro_batch: int | None = None,
+         seq_len: int | None = None, remat: str | None = None,
+         dtype: str = 'bfloat16') -> dict[str, Any]:
+  """Per-device memory of training `cfg` on `mesh_cfg`; see the module doc.
+
+  micro_batch: rows per gradient-accumulation round (default: one row per
+    data shard per pipeline microbatch); seq_len default cfg.max_len; remat
+    default cfg.remat_policy; dtype: the compute dtype (weights stay fp32).
+  Raises ValueError (glm.mesh.MeshError for layouts) with a one-line fix.
+  """
+  mc = mesh_cfg
+  memory = parse_bytes(device_memory)
+  seq_len = cfg.max_len if seq_len is None else seq_len
+  remat = cfg.remat_policy if remat is None else remat
+  pipelined = mc.pipeline > 1
+  m = mc.num_microbatches if pipelined else 1
+  if micro_batch is None:
+    micro_batch = mc.batch_shards * m
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f'remat={remat!r} is not one of {REMAT_POLICIES}.')
+  if dtype not in DTYPES:
+    raise ValueError(f'dtype={dtype!r} is not one of {DTYPES}.')
+  if not 1 <= seq_len <= cfg.max_len:
+    raise ValueError(f'seq_len={seq_len} must be in [1, max_len='
+                     f'{cfg.max_len}]; pass a shorter --seq_len or raise '
+                     'ModelConfig.max_len.')
+  if micro_batch < 1:
+    raise ValueError(f'micro_batch={micro_batch} must be >= 1.')
+  warnings = _check_mesh(mc, cfg, micro_batch)
+
+  leaves = leaf_bytes(cfg, mc)
+  state = {k: sum(v[k] for v in leaves.values())
+           for k in ('params', 'grads', 'optimizer')}
+
+  rows = micro_batch // mc.batch_shards  # R: one data shard's micro-batch
+  b = rows // m                          # one pipeline microbatch
+  t = mc.tensor
+  chunks = mc.pipeline * mc.repeats
+  layers_per_stage = -(-cfg.num_layers // chunks) * mc.repeats
+  kw = dict(seq_len=seq_len, rows=b, tensor=t, dtype=dtype)
+  full_layer = layer_activation_bytes(cfg, remat='none', **kw)
+  kept = layer_activation_bytes(cfg, remat=remat, **kw)
+  itemsize = np.dtype(dtype).itemsize
+  bias_heads = cfg.num_heads / t if cfg.position == 'alibi' else 1
+  act = {
+      'layers': m * layers_per_stage * kept,
+      'recompute': full_layer if remat != 'none' else 0.0,
+      'attention_bias': 4.0 * rows * seq_len ** 2 * bias_heads,
+      'head': rows * seq_len * (2.0 * itemsize * cfg.hidden
+                                + 8.0 * cfg.padded_vocab_size / t),
+  }
+  act = {k: int(round(v)) for k, v in act.items()}
+  activations = sum(act.values())
+  total = sum(state.values()) + activations
+  return {
+      'params': sum(v['size'] for v in leaves.values()),
+      'mesh': mc.describe(),
+      'mesh_shape': mc.shape,
+      'num_devices': mc.num_devices,
+      'zero1': mc.zero1,
+      'schedule': mc.schedule if pipelined else None,
+      'microbatches': m,
+      'micro_batch': micro_batch,
+      'rows_per_data_shard': rows,
+      'rows_per_microbatch': b,
+      'seq_len': seq_len,
+      'remat': remat,
+      'dtype': dtype,
+      'layers_per_stage': layers_per_stage,
+      'bubble_fraction': mc.bubble_fraction(),
+      'bytes': {**state, 'activations': activations, 'total': total},
+      'activation_bytes': act,
+      'device_memory': memory,
+      'fits': total <= memory,
+      'margin_bytes': memory - total,
+      'warnings': warnings,
+      'assumptions': list(ASSUMPTIONS),
+  }
+
+
+def format_plan(r: dict[str, Any]) -> str:
+  """The plan as an aligned table with the verdict and its assumptions."""
+  gb = lambda n: f'{n / GB:10.2f}'
+  by, act = r['bytes'], r['activation_bytes']
+  rows = lambda n: f'{n} row' + ('s' if n != 1 else '')
+  pipe = (f'{r["schedule"]}, {r["microbatches"]} microbatches of '
+          f'{rows(r["rows_per_microbatch"])} per data shard, '
+          f'{r["layers_per_stage"]} layers per stage, bubble '
+          f'{100 * r["bubble_fraction"]:.1f}%' if r['schedule'] else 'none')
+  lines = [
+      f'model       {r["params"] / 1e9:.2f}B parameters',
+      f'mesh        {r["mesh"]} ({r["num_devices"]} devices), ZeRO-1 '
+      f'{"on" if r["zero1"] else "off"}',
+      f'batch       micro-batch {r["micro_batch"]} x {r["seq_len"]} tokens '
+      f'({rows(r["rows_per_data_shard"])} per data shard)',
+      f'pipeline    {pipe}',
+      f'compute     {r["dtype"]}, remat {r["remat"]}',
+      '',
+      f'{"per device":<32}{"GB":>10}',
+      f'{"  parameters (fp32)":<32}{gb(by["params"])}',
+      f'{"  gradients (fp32)":<32}{gb(by["grads"])}',
+      f'{"  optimizer (Adam mu, nu fp32)":<32}{gb(by["optimizer"])}',
+      f'{"  activations":<32}{gb(by["activations"])}',
+      f'{"    layers (all microbatches)":<32}{gb(act["layers"])}',
+      f'{"    recompute (one layer)":<32}{gb(act["recompute"])}',
+      f'{"    attention bias/mask":<32}{gb(act["attention_bias"])}',
+      f'{"    embeddings + logits":<32}{gb(act["head"])}',
+      f'{"  total":<32}{gb(by["total"])}',
+      f'{"device memory":<32}{gb(r["device_memory"])}',
+  ]
+  margin = r['margin_bytes'] / GB
+  lines.append(f'fits: {margin:.2f} GB to spare' if r['fits'] else
+               f'does not fit: {-margin:.2f} GB over')
+  lines += [f'warning: {w}' for w in r['warnings']]
+  lines += ['assumes:'] + [f'  - {a}' for a in r['assumptions']]
+  return '\n'.join(lines)
