@@ -242,8 +242,12 @@ class Pipeline:
     `rows` overrides the batch size (a batch-size ramp); row r of a step is
     the same whatever the number of rows asked for.
     """
-    rows = [self.row(step, r)[0] for r in range(rows or self.batch_size)]
-    return packing.stack_rows(rows)
+    return self.rows(step, range(rows or self.batch_size))
+
+  def rows(self, step: int, indices) -> dict[str, np.ndarray]:
+    """Rows `indices` of step `step` as a [len(indices), T] batch (each host
+    of a multi-process run builds only the rows its devices hold)."""
+    return packing.stack_rows([self.row(step, r)[0] for r in indices])
 
   def eval_batches(self, n: int) -> list[dict[str, np.ndarray]]:
     """n fixed held-out batches (keys disjoint from training steps)."""

@@ -68,7 +68,7 @@ def save(out: str, cfg: ModelConfig, params: Any, *,
   expected = transformer.abstract_params(cfg)
   _check_structure(expected, params, where='params to save')
   with atomic_dir(out, overwrite=overwrite) as tmp:
-    ckptr = ocp.PyTreeCheckpointer()
+    ckptr = _local_checkpointer()
     ckptr.save(os.path.join(tmp, 'params'), params)
     tok = None
     if tokenizer_path:
@@ -79,6 +79,17 @@ def save(out: str, cfg: ModelConfig, params: Any, *,
     with open(os.path.join(tmp, MANIFEST), 'w') as f:
       json.dump(manifest, f, indent=2, sort_keys=True)
   return os.path.abspath(out)
+
+
+def _local_checkpointer() -> ocp.Checkpointer:
+  """A checkpointer for host (numpy) arrays written by this process alone,
+  also inside a multi-process run (no barriers with the other processes)."""
+  me = jax.process_index()
+  mp = ocp.options.MultiprocessingOptions(primary_host=me,
+                                          active_processes={me})
+  return ocp.Checkpointer(
+      ocp.PyTreeCheckpointHandler(multiprocessing_options=mp),
+      multiprocessing_options=mp)
 
 
 def read_manifest(path: str) -> dict:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from typing import Sequence
 
@@ -64,6 +65,21 @@ def _parser() -> argparse.ArgumentParser:
   train = sub.add_parser('train', help='train a model (t5x-style gin run)')
   train.add_argument('--gin_file', action='append', required=True)
   train.add_argument('--workdir', required=True)
+  train.add_argument('--mesh', default=None,
+                     help="device mesh, e.g. 'data=2,tensor=2,pipeline=2' "
+                     '(sets MeshConfig in gin; default: data over all)')
+  train.add_argument('--coordinator_address', default=None,
+                     help='host:port of process 0 (multi-host runs)')
+  train.add_argument('--num_processes', type=int, default=None)
+  train.add_argument('--process_id', type=int, default=None)
+
+  launch = sub.add_parser(
+      'launch-local', help='run `glm train` as N joined local processes '
+      '(CPU collectives), for developing multi-host runs')
+  launch.add_argument('--num_processes', type=int, required=True)
+  launch.add_argument('--devices_per_process', type=int, default=1)
+  launch.add_argument('train_args', nargs=argparse.REMAINDER,
+                      help='-- followed by the arguments of glm train')
 
   convert = sub.add_parser('convert', help='Hugging Face BLOOM <-> glm')
   csub = convert.add_subparsers(dest='direction', required=True,
@@ -147,10 +163,38 @@ def _cmd_plan(args, bindings) -> None:
 
 
 def _cmd_train(args, bindings) -> None:
+  multi = (args.coordinator_address, args.num_processes, args.process_id)
+  if any(v is not None for v in multi):
+    if any(v is None for v in multi):
+      raise ValueError('--coordinator_address, --num_processes and '
+                       '--process_id go together; give all three.')
+    import jax  # pylint: disable=g-import-not-at-top
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    jax.distributed.initialize(args.coordinator_address, args.num_processes,
+                               args.process_id)
   from glm import gin_config  # pylint: disable=g-import-not-at-top
+  from glm import mesh  # pylint: disable=g-import-not-at-top
   from glm import train  # pylint: disable=g-import-not-at-top
+  if args.mesh is not None:
+    sizes = mesh.MeshConfig.parse(args.mesh).shape
+    bindings = [*bindings, 'train.mesh = @MeshConfig()',
+                *(f'MeshConfig.{a} = {n}' for a, n in sizes.items())]
   gin_config.parse(args.gin_file, bindings)
   train.train(workdir=args.workdir)
+
+
+def _cmd_launch_local(args, bindings) -> None:
+  del bindings
+  from glm import launch  # pylint: disable=g-import-not-at-top
+  train_args = args.train_args
+  if train_args[:1] == ['--']:
+    train_args = train_args[1:]
+  if not train_args:
+    raise ValueError('give the train arguments after --, as in glm '
+                     'launch-local --num_processes 2 -- --gin_file F '
+                     '--workdir W.')
+  launch.launch_local(args.num_processes, train_args,
+                      devices_per_process=args.devices_per_process)
 
 
 def _cmd_convert(args, bindings) -> None:
@@ -190,14 +234,17 @@ def _cmd_score(args, bindings) -> None:
 
 
 _COMMANDS = {'info': _cmd_info, 'plan': _cmd_plan, 'train': _cmd_train,
+             'launch-local': _cmd_launch_local,
              'convert': _cmd_convert, 'score': _cmd_score,
              'data': _cmd_data}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
-  bindings = [a[len('--gin.'):] for a in argv if a.startswith('--gin.')]
-  rest = [a for a in argv if not a.startswith('--gin.')]
+  own = argv.index('--') if 'launch-local' in argv[:1] and '--' in argv else (
+      len(argv))  # launch-local passes everything after -- to train
+  bindings = [a[len('--gin.'):] for a in argv[:own] if a.startswith('--gin.')]
+  rest = [a for a in argv[:own] if not a.startswith('--gin.')] + argv[own:]
   args, extra = _parser().parse_known_args(rest)
   if getattr(args, 'data_command', None) in ('card', 'fertility'):
     args.rest = extra  # options of glm.data.report_cli
@@ -217,6 +264,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if os.environ.get('GLM_DEBUG'):
       raise
     msg = ' '.join(str(e).split())
+    # gin appends where the error was raised; the message already says it.
+    msg = re.sub(r"\s*In call to configurable '[^']*' \(.*\)$", '', msg)
     print(f'glm {name}: error: {msg}', file=sys.stderr)
     return 2
   return 0

@@ -18,6 +18,7 @@ import gin
 # every module that gin may bind is listed here, nowhere else.
 from glm import config as _config  # noqa: F401
 from glm import train as _train  # noqa: F401
+from glm import mesh as _mesh
 from glm import optimizers as _optimizers
 from glm.data import pipeline as _pipeline
 
@@ -25,6 +26,7 @@ gin.external_configurable(_pipeline.DataConfig, 'DataConfig')
 gin.external_configurable(_optimizers.OptimizerConfig, 'OptimizerConfig')
 gin.external_configurable(_optimizers.BatchRamp, 'BatchRamp')
 gin.external_configurable(_train.FailurePolicy, 'FailurePolicy')
+gin.external_configurable(_mesh.MeshConfig, 'MeshConfig')
 
 
 class GinError(ValueError):

@@ -41,7 +41,6 @@ class MeshError(ValueError):
   """A mesh that does not fit the model, the batch or the devices."""
 
 
-@gin.configurable
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
   """Sizes of the mesh axes, ZeRO-1 and the pipeline schedule.
@@ -286,3 +285,37 @@ def per_device_bytes(shape: Sequence[int], dtype, spec: P,
     split = math.prod(mesh_shape[a] for a in _spec_axes(e))
     n *= -(-dim // split)
   return n * np.dtype(dtype).itemsize
+
+
+def put_batch(make_rows, num_micro: int, micro: int, mesh: Mesh) -> dict:
+  """Global [A, B, ...] micro-batch arrays built from this process's rows.
+
+  make_rows(global_row_indices) -> {field: [n, ...] numpy}; global row
+  a * B + r is row r of micro-batch a. Each process asks only for the rows
+  its devices hold (all of them in a one-process run).
+  """
+  rows_sharding = NamedSharding(mesh, P(None, BATCH_AXES))
+  index_map = rows_sharding.addressable_devices_indices_map((num_micro, micro))
+  needed = sorted({r for idx in index_map.values()
+                   for r in range(micro)[idx[1]]})
+  pos = {r: i for i, r in enumerate(needed)}
+  built = make_rows([a * micro + r for a in range(num_micro) for r in needed])
+  out = {}
+  for k, v in built.items():
+    v = v.reshape(num_micro, len(needed), *v.shape[1:])  # [A, n, ...]
+
+    def local(index, v=v):
+      picked = v[index[0]][:, [pos[r] for r in range(micro)[index[1]]]]
+      return picked[(slice(None), slice(None)) + tuple(index[2:])]
+
+    shape = (num_micro, micro, *v.shape[2:])
+    out[k] = jax.make_array_from_callback(
+        shape, NamedSharding(mesh, batch_spec(len(shape))), local)
+  return out
+
+
+def put_global(batch: dict, mesh: Mesh, *, leading: int = 0) -> dict:
+  """Global arrays from a batch every process holds in full (evaluation)."""
+  return {k: jax.make_array_from_callback(
+      np.shape(v), NamedSharding(mesh, batch_spec(np.ndim(v), leading=leading)),
+      lambda index, v=v: np.asarray(v)[index]) for k, v in batch.items()}

@@ -65,12 +65,20 @@ def run_layers(cfg: ModelConfig, mc: MeshConfig, mesh: Mesh,
   def micro(a):  # [B, ...] -> [M, mb, ...]
     return a.reshape(m_count, mb, *a.shape[1:])
 
-  xs = micro(x)
+  # Activations cross stages in float32: XLA CPU cannot partition the
+  # bfloat16 ppermute / psum of this loop (it aborts while compiling).
+  xs = micro(x).astype(jnp.float32)
   fields = {k: micro(batch[k]) for k in _CTX_FIELDS if batch.get(k) is not None}
   params = stage_params(layer_params, s_count, repeats)
 
-  def stage_body(p, inp, item, field_m, key):
-    """One stage's chunk of layers on one microbatch. p: [C, ...] layers."""
+  def stage_body(p, rep, inp, field_m, key):
+    """One stage's chunk of layers on one microbatch.
+
+    p: [R, C, ...] this stage's chunks; the repeat's chunk is sliced here,
+    inside the (rematerialised) body, so the scan over ticks keeps no
+    per-tick copy of the weights.
+    """
+    p = jax.tree.map(lambda a: a[rep], p)  # [C, ...]
     ctx = attention_inputs(cfg, field_m)
 
     def layer(h, xs_j):
@@ -78,8 +86,8 @@ def run_layers(cfg: ModelConfig, mc: MeshConfig, mesh: Mesh,
       k = None if key is None else jax.random.fold_in(key, j)
       return block_fn(p_j, h, ctx, k), None
 
-    out, _ = jax.lax.scan(layer, inp, (p, jnp.arange(chunk)))
-    return out
+    out, _ = jax.lax.scan(layer, inp.astype(x.dtype), (p, jnp.arange(chunk)))
+    return out.astype(jnp.float32)
 
   if cfg.remat_policy != 'none':
     from glm.transformer import REMAT_POLICIES  # pylint: disable=g-import-not-at-top
@@ -112,9 +120,11 @@ def run_layers(cfg: ModelConfig, mc: MeshConfig, mesh: Mesh,
       if rng is not None:  # one key per (microbatch, global layer index)
         key = jax.random.fold_in(jax.random.fold_in(rng, m),
                                  (rep * s_count + stage) * chunk)
-      p_r = jax.tree.map(lambda a: a[:, rep], params)  # [1, C, ...]
+      # vmap over the local stage dimension (size 1 per pipeline device).
+      # With one repeat the chunk index is static: the weights stay a loop
+      # invariant of the tick scan instead of a per-tick residual.
       y = jax.vmap(stage_body, in_axes=(0, None, None, None, None))(
-          p_r, inp, item_c, field_m, key)[0]
+          params, 0 if repeats == 1 else rep, inp, field_m, key)[0]
       y = jnp.where(valid, y, inp)
 
       done = valid & (stage == s_count - 1) & (rep == repeats - 1)
@@ -139,4 +149,4 @@ def run_layers(cfg: ModelConfig, mc: MeshConfig, mesh: Mesh,
   run = jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=P(),
                       axis_names={'pipeline'}, check_vma=False)
   out = run(*args)
-  return out.reshape(b, *out.shape[2:])
+  return out.reshape(b, *out.shape[2:]).astype(x.dtype)

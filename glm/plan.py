@@ -21,8 +21,8 @@ Per device (the most loaded one; GB = 1e9 bytes):
 Activations. Letters: s sequence length; R = micro_batch / (data * fsdp) rows
 of a micro-batch on one data shard; M pipeline microbatches (1 without a
 pipeline); b = R / M rows of one pipeline microbatch; h hidden; a heads; d head
-dim; f FFN width (per half for GLUs); t tensor; V padded vocabulary;
-L_s = ceil(num_layers / (pipeline * repeats)) * repeats layers on a stage;
+dim; f FFN width (per half for GLUs); t tensor; V padded vocabulary; S
+pipeline stages, r repeats; C = ceil(num_layers / (S r)) layers in a chunk;
 c = compute-dtype bytes / 2.
 
 Bytes one layer keeps for its backward, per pipeline microbatch, generalising
@@ -33,34 +33,42 @@ sequence parallelism), all times c:
   none            s*b*(10h + (8ad + m)/t) + 5*a*s^2*b/t, m = 4f (GeLU), 6f (GLU)
   dots            s*b*(6h + (8ad + 2gf)/t) + 2*a*s^2*b/t,  g = 1 (GeLU), 2 (GLU)
   dots_no_batch   s*b*(6h + (6ad + 2gf)/t)
-  full            2*s*b*h
 
 `none` is the paper's s*b*h*(10 + 24/t + 5as/(ht)) when ad = h and f = 4h
 (BLOOM): 10h for the tensor-replicated tensors (two LayerNorm inputs, the q/k/v
 and FFN-in inputs, two dropout masks), 8ad/t for q, k, v and the attention
 output, 16h/t for the GeLU input and output, 5as/t for the softmax output, its
-dropout mask and output (here: fp32 probabilities, 4, and no attention
-dropout; the paper's 5 is kept). A GLU keeps both halves of its input projection and
+dropout mask and output (here fp32 probabilities and no attention dropout, 4;
+the paper's 5 is kept). A GLU keeps both halves of its input projection and
 their product (6f). `dots` keeps the outputs of the matmuls (q, k, v, QK^T,
 AV, attention-out, FFN in and out) and the layer input; `dots_no_batch`
 (`dots_with_no_batch_dims_saveable`) drops the two attention products, whose
-dot_generals have batch dimensions; `full` keeps the layer input only.
+dot_generals have batch dimensions. `full` keeps only the input of each
+rematerialised unit, 2*s*b*h*c: a layer without a pipeline (`nn.remat` on the
+block), a whole chunk of C layers with one (`jax.checkpoint` on the stage
+body of glm.pipelining).
 
-On a stage:
+The pipeline (glm.pipelining) is one `lax.scan` over K = M r + S - 1 ticks;
+every stage runs its chunk at every tick (bubble ticks included) and autodiff
+keeps each tick's residuals until the backward, so a stage holds K chunk
+passes (a 1F1B schedule would hold at most S). Without a pipeline K = 1 and
+the chunk is the whole stack (C = num_layers). On a device:
 
-  layers     M * L_s * (bytes one layer keeps)
-  recompute  with remat: one layer's `none` bytes, rebuilt during its backward
-  bias       4 * R * s^2 * (a/t with ALiBi, else 1): the fp32 attention bias and
-             mask [B, H|1, T, S] built once per forward for the micro-batch
-  head       R * s * (2 * 2c*h + 8*V/t): the layer stack's input and output in
-             the compute dtype, fp32 logits and their gradient (vocab-parallel)
+  layers     K * C * (bytes one layer keeps); remat `full`: K * (C / unit) *
+             2*s*b*h*c, unit = C with a pipeline, else 1
+  recompute  with remat: one unit's `none` bytes, rebuilt in its backward
+  bias       4 * (a/t with ALiBi, else 1) * s^2 * rows: the fp32 attention
+             bias and mask [B, H|1, T, S], once per forward for the micro-batch
+             (rows = R) without a pipeline; built per tick inside the stage
+             with one, kept for K ticks (rows = K b) without remat, rebuilt
+             (rows = b) with it
+  head       R * s * (n * 2c*h + 8*V/t): the stack's input and output (n = 2;
+             with a pipeline also its microbatch and output buffers, n = 4) and
+             fp32 logits and their gradient (vocab-parallel)
 
 Assumptions (also listed under the table):
-  * GPipe and circular schedules as implemented here run every forward before
-    any backward, so the activations of all M microbatches stay alive on a
-    stage (a 1F1B schedule would keep at most `pipeline` of them; a scan
-    that also keeps the residuals of its P - 1 bubble iterations holds
-    M * repeats + P - 1 chunk passes, up to twice as many).
+  * Activations as above: per layer Korthikanti et al.; a pipeline keeps the
+    residuals of all its K ticks.
   * Embedding, final norm, logits and loss run outside the pipeline on the
     whole micro-batch, replicated over `pipeline`; the embedding table is
     split by `tensor` (and `fsdp`) only, so every stage holds a full share.
@@ -68,7 +76,9 @@ Assumptions (also listed under the table):
     warning: Megatron-style trainers allow them, `glm train` does not.
   * Not counted: XLA temporaries and fragmentation, collective buffers, the
     running gradient sum when a step accumulates several micro-batches (one
-    more `gradients`), the input batch, the runtime's own reserve.
+    more `gradients`), weight copies kept as residuals (with remat `none`,
+    the compute-dtype casts of the layer weights), the input batch, the
+    runtime's own reserve.
 """
 
 from __future__ import annotations
@@ -93,12 +103,12 @@ _SIZE = re.compile(r'^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*'
 
 ASSUMPTIONS = (
     'activations: Korthikanti et al. 2022 per layer (no sequence '
-    'parallelism), all M microbatches alive per stage (forwards, then '
-    'backwards)',
+    'parallelism); a pipeline keeps the residuals of all its M*repeats + '
+    'pipeline - 1 ticks',
     'embedding, logits (fp32, x2 with their gradient) and loss on the whole '
     'micro-batch on every device; embedding table replicated over pipeline',
     'not counted: XLA temporaries, collective buffers, a second gradient '
-    'buffer when accumulating micro-batches, runtime reserve',
+    'buffer when accumulating micro-batches, weight copies kept as residuals',
 )
 
 
@@ -155,7 +165,10 @@ def leaf_bytes(cfg: ModelConfig, mc: mesh_lib.MeshConfig
 
 def layer_activation_bytes(cfg: ModelConfig, *, seq_len: int, rows: int,
                            tensor: int, remat: str, dtype: str) -> float:
-  """Bytes one layer keeps for its backward (module docstring's formulas)."""
+  """Bytes one layer keeps for its backward (module docstring's formulas).
+
+  remat 'full' gives the input of a rematerialised unit, 2*s*b*h*c.
+  """
   s, b, h, a, t = seq_len, rows, cfg.hidden, cfg.num_heads, tensor
   ad, f = a * cfg.dims_per_head, cfg.mlp_dim
   g = 2 if cfg.is_gated else 1
@@ -170,6 +183,44 @@ def layer_activation_bytes(cfg: ModelConfig, *, seq_len: int, rows: int,
   else:  # 'full'
     kept = 2 * s * b * h
   return kept * c
+
+
+def activation_bytes(cfg: ModelConfig, mc: mesh_lib.MeshConfig, *,
+                     micro_batch: int, seq_len: int, remat: str,
+                     dtype: str) -> dict[str, int]:
+  """Per-device activation bytes by part (module docstring's formulas)."""
+  pipelined = mc.pipeline > 1
+  m = mc.num_microbatches if pipelined else 1
+  rows = micro_batch // mc.batch_shards  # R
+  b = rows // m
+  t, s = mc.tensor, seq_len
+  if pipelined:
+    ticks = m * mc.repeats + mc.pipeline - 1
+    chunk = -(-cfg.num_layers // (mc.pipeline * mc.repeats))
+    unit = chunk
+  else:
+    ticks, chunk, unit = 1, cfg.num_layers, 1
+  kw = dict(seq_len=s, rows=b, tensor=t, dtype=dtype)
+  full_layer = layer_activation_bytes(cfg, remat='none', **kw)
+  kept = layer_activation_bytes(cfg, remat=remat, **kw)
+  if remat == 'full':
+    layers = ticks * (chunk / unit) * kept
+  else:
+    layers = ticks * chunk * kept
+  if not pipelined:
+    bias_rows = rows
+  else:
+    bias_rows = ticks * b if remat == 'none' else b
+  heads = cfg.num_heads / t if cfg.position == 'alibi' else 1
+  itemsize = np.dtype(dtype).itemsize
+  act = {
+      'layers': layers,
+      'recompute': unit * full_layer if remat != 'none' else 0.0,
+      'attention_bias': 4.0 * heads * s * s * bias_rows,
+      'head': rows * s * ((4 if pipelined else 2) * itemsize * cfg.hidden
+                          + 8.0 * cfg.padded_vocab_size / t),
+  }
+  return {k: int(round(v)) for k, v in act.items()}
 
 
 def _check_mesh(mc: mesh_lib.MeshConfig, cfg: ModelConfig,
@@ -228,24 +279,10 @@ def plan(cfg: ModelConfig, mesh_cfg: mesh_lib.MeshConfig, *,
   state = {k: sum(v[k] for v in leaves.values())
            for k in ('params', 'grads', 'optimizer')}
 
-  rows = micro_batch // mc.batch_shards  # R: one data shard's micro-batch
-  b = rows // m                          # one pipeline microbatch
-  t = mc.tensor
+  rows = micro_batch // mc.batch_shards
   chunks = mc.pipeline * mc.repeats
-  layers_per_stage = -(-cfg.num_layers // chunks) * mc.repeats
-  kw = dict(seq_len=seq_len, rows=b, tensor=t, dtype=dtype)
-  full_layer = layer_activation_bytes(cfg, remat='none', **kw)
-  kept = layer_activation_bytes(cfg, remat=remat, **kw)
-  itemsize = np.dtype(dtype).itemsize
-  bias_heads = cfg.num_heads / t if cfg.position == 'alibi' else 1
-  act = {
-      'layers': m * layers_per_stage * kept,
-      'recompute': full_layer if remat != 'none' else 0.0,
-      'attention_bias': 4.0 * rows * seq_len ** 2 * bias_heads,
-      'head': rows * seq_len * (2.0 * itemsize * cfg.hidden
-                                + 8.0 * cfg.padded_vocab_size / t),
-  }
-  act = {k: int(round(v)) for k, v in act.items()}
+  act = activation_bytes(cfg, mc, micro_batch=micro_batch, seq_len=seq_len,
+                         remat=remat, dtype=dtype)
   activations = sum(act.values())
   total = sum(state.values()) + activations
   return {
@@ -256,13 +293,14 @@ def plan(cfg: ModelConfig, mesh_cfg: mesh_lib.MeshConfig, *,
       'zero1': mc.zero1,
       'schedule': mc.schedule if pipelined else None,
       'microbatches': m,
+      'ticks': m * mc.repeats + mc.pipeline - 1 if pipelined else 1,
       'micro_batch': micro_batch,
       'rows_per_data_shard': rows,
-      'rows_per_microbatch': b,
+      'rows_per_microbatch': rows // m,
       'seq_len': seq_len,
       'remat': remat,
       'dtype': dtype,
-      'layers_per_stage': layers_per_stage,
+      'layers_per_stage': -(-cfg.num_layers // chunks) * mc.repeats,
       'bubble_fraction': mc.bubble_fraction(),
       'bytes': {**state, 'activations': activations, 'total': total},
       'activation_bytes': act,
@@ -281,6 +319,7 @@ def format_plan(r: dict[str, Any]) -> str:
   rows = lambda n: f'{n} row' + ('s' if n != 1 else '')
   pipe = (f'{r["schedule"]}, {r["microbatches"]} microbatches of '
           f'{rows(r["rows_per_microbatch"])} per data shard, '
+          f'{r["ticks"]} ticks, '
           f'{r["layers_per_stage"]} layers per stage, bubble '
           f'{100 * r["bubble_fraction"]:.1f}%' if r['schedule'] else 'none')
   lines = [
@@ -297,8 +336,8 @@ def format_plan(r: dict[str, Any]) -> str:
       f'{"  gradients (fp32)":<32}{gb(by["grads"])}',
       f'{"  optimizer (Adam mu, nu fp32)":<32}{gb(by["optimizer"])}',
       f'{"  activations":<32}{gb(by["activations"])}',
-      f'{"    layers (all microbatches)":<32}{gb(act["layers"])}',
-      f'{"    recompute (one layer)":<32}{gb(act["recompute"])}',
+      f'{"    layer stack (all ticks)":<32}{gb(act["layers"])}',
+      f'{"    recompute (one unit)":<32}{gb(act["recompute"])}',
       f'{"    attention bias/mask":<32}{gb(act["attention_bias"])}',
       f'{"    embeddings + logits":<32}{gb(act["head"])}',
       f'{"  total":<32}{gb(by["total"])}',

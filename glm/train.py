@@ -276,7 +276,22 @@ def _truncate_jsonl(path: str, after_step: int) -> None:
   os.replace(tmp, path)
 
 
+class _NoBoard:
+  """TensorBoard stand-in for the processes that do not write files."""
+
+  def text(self, *args):
+    pass
+
+  def scalars(self, *args):
+    pass
+
+  def close(self):
+    pass
+
+
 def _append_jsonl(path: str, row: dict) -> None:
+  if jax.process_index():  # one process writes the run's files
+    return
   with open(path, 'a', encoding='utf-8') as f:
     f.write(json.dumps(row) + '\n')
 
@@ -308,12 +323,14 @@ def train(*, workdir: str,
           peak_flops: float | str | None = None,
           sample_prompt: str = 'The command',
           sample_tokens: int = 32,
-          keep_checkpoints: int = 2) -> dict[str, Any]:
+          keep_checkpoints: int = 2,
+          mesh: mesh_lib.MeshConfig | None = None) -> dict[str, Any]:
   """Trains on a task mixture; returns final metrics.
 
   `data` is a `glm.data.pipeline.DataConfig` (default: causal LM only);
   `init_checkpoint` a glm checkpoint folder to fine-tune from; `peak_flops`
-  a number, a name in PEAK_FLOPS, or None to measure a matmul here.
+  a number, a name in PEAK_FLOPS, or None to measure a matmul here; `mesh`
+  the device mesh (default: data parallel over every device).
   """
   from glm.data import pipeline  # pylint: disable=g-import-not-at-top
 
@@ -355,9 +372,18 @@ def train(*, workdir: str,
     raise TrainError(f'peak_flops={peak_flops!r} is not one of '
                      f'{sorted(PEAK_FLOPS)}; give a number or leave it unset '
                      'to measure.')
+  mesh_cfg = mesh or mesh_lib.MeshConfig(data=jax.device_count())
+  try:
+    mesh_lib.validate(mesh_cfg, cfg, micro_batch=micro,
+                      num_devices=jax.device_count())
+  except mesh_lib.MeshError as e:
+    raise TrainError(str(e)) from None
   batch_sizes = ramp.batch_sizes(batch_size, micro, train_steps)
   workdir = os.path.abspath(workdir)
   _check_workdir(workdir, cfg)
+  lead = jax.process_index() == 0  # the one process that writes files
+  device_mesh = (mesh_lib.make_mesh(mesh_cfg)
+                 if mesh_cfg.num_devices > 1 else None)
 
   # Data --------------------------------------------------------------------
   data = data or pipeline.DataConfig()
@@ -387,18 +413,25 @@ def train(*, workdir: str,
       eval_sets[f'lang/{lang}'] = batches
 
   def micro_batches(step: int) -> dict[str, jnp.ndarray]:
-    b = train_data.batch(step, rows=int(batch_sizes[step]))
-    # [B, T] -> [A, B / A, T] micro-batches
-    return {k: jnp.asarray(v.reshape(-1, micro, *v.shape[1:]))
-            for k, v in b.items()}
+    rows = int(batch_sizes[step])
+    if device_mesh is None:
+      b = train_data.batch(step, rows=rows)
+      # [B, T] -> [A, B / A, T] micro-batches
+      return {k: jnp.asarray(v.reshape(-1, micro, *v.shape[1:]))
+              for k, v in b.items()}
+    return mesh_lib.put_batch(
+        lambda idx: train_data.rows(step, idx), rows // micro, micro,
+        device_mesh)
 
   # Workdir -------------------------------------------------------------------
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, 'config.gin'), 'w') as f:
-    f.write(gin.operative_config_str())
-  with open(os.path.join(workdir, 'run.json'), 'w') as f:
-    json.dump({'model_config': cfg.to_dict()}, f, indent=2, sort_keys=True)
-  board = EventWriter(os.path.join(workdir, 'tensorboard'))
+  if lead:
+    with open(os.path.join(workdir, 'config.gin'), 'w') as f:
+      f.write(gin.operative_config_str())
+    with open(os.path.join(workdir, 'run.json'), 'w') as f:
+      json.dump({'model_config': cfg.to_dict()}, f, indent=2, sort_keys=True)
+  board = EventWriter(os.path.join(workdir, 'tensorboard')) if lead else (
+      _NoBoard())
   board.text(0, 'config', gin.operative_config_str())
 
   # Model, optimiser, state -----------------------------------------------------
@@ -412,11 +445,24 @@ def train(*, workdir: str,
       params = transformer.stack_layers(params, cfg.num_layers)
     params = jax.tree.map(jnp.asarray, params)
   else:
-    params = transformer.init_params(cfg, jax.random.PRNGKey(seed))
-  state = {'params': params, 'opt_state': opt.init(params),
-           'loss_ema': jnp.float32(0), 'bad_steps': jnp.int32(0)}
-  train_step, eval_step = make_train_step(cfg, opt, z_loss=opt_cfg.z_loss,
-                                          policy=policy)
+    params = None
+
+  def new_state(params):
+    if params is None:
+      params = transformer.init_params(cfg, jax.random.PRNGKey(seed))
+    return {'params': params, 'opt_state': opt.init(params),
+            'loss_ema': jnp.float32(0), 'bad_steps': jnp.int32(0)}
+
+  if device_mesh is None:
+    state = new_state(params)
+    shardings = None
+  else:  # initialised in place, already sharded
+    shardings = mesh_lib.state_shardings(jax.eval_shape(new_state, params),
+                                         cfg, mesh_cfg, device_mesh)
+    state = jax.jit(new_state, out_shardings=shardings)(params)
+  train_step, eval_step = make_train_step(
+      cfg, opt, z_loss=opt_cfg.z_loss, policy=policy,
+      mesh_cfg=mesh_cfg, mesh=device_mesh)
   dropout_key = jax.random.fold_in(jax.random.PRNGKey(seed), 1)
 
   manager = ocp.CheckpointManager(
@@ -427,12 +473,14 @@ def train(*, workdir: str,
   start = 0
   latest = manager.latest_step()
   if latest is not None:
+    # Restored straight into this run's shardings, whatever mesh saved it.
     state = manager.restore(latest, args=ocp.args.StandardRestore(state))
     start = latest
     print(f'glm train: resumed from step {latest} in {workdir}/checkpoints',
           flush=True)
-  for name in ('metrics.jsonl', 'eval.jsonl'):
-    _truncate_jsonl(os.path.join(workdir, name), start)
+  if lead:
+    for name in ('metrics.jsonl', 'eval.jsonl'):
+      _truncate_jsonl(os.path.join(workdir, name), start)
 
   info = model_info.info(cfg, seq_len)
   if peak_flops is None:
@@ -446,13 +494,24 @@ def train(*, workdir: str,
         f'{workdir}; MFU against {peak / 1e9:,.0f} GFLOP/s {peak_source}',
         flush=True)
   print(f'glm train: data mixture {dict(data.mixture)}', flush=True)
+  if device_mesh is not None:
+    print(f'glm train: mesh {mesh_cfg.describe()} over '
+          f'{jax.device_count()} devices in {jax.process_count()} '
+          f'process(es)' + (f'; {mesh_cfg.schedule} pipeline, '
+                            f'{mesh_cfg.num_microbatches} microbatches x '
+                            f'{mesh_cfg.repeats} repeats, bubble '
+                            f'{mesh_cfg.bubble_fraction():.1%}'
+                            if mesh_cfg.pipeline > 1 else '')
+          + (', ZeRO-1' if mesh_cfg.zero1 else ''), flush=True)
 
   def evaluate(params, step: int) -> float:
     row = {'step': step}
     for name, batches in eval_sets.items():
       total = count = 0.0
       for b in batches:
-        s, c = eval_step(params, {k: jnp.asarray(v) for k, v in b.items()})
+        b = ({k: jnp.asarray(v) for k, v in b.items()} if device_mesh is None
+             else mesh_lib.put_global(b, device_mesh))
+        s, c = eval_step(params, b)
         total, count = total + float(s), count + float(c)
       row[name] = total / max(count, 1.0)
     _append_jsonl(os.path.join(workdir, 'eval.jsonl'), row)
@@ -528,6 +587,9 @@ def train(*, workdir: str,
   # Evaluate, sample, export --------------------------------------------------
   params = state['params']
   eval_loss = evaluate(params, train_steps)
+  if jax.process_count() > 1:  # every process gets the full weights
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    params = multihost_utils.process_allgather(params, tiled=True)
   print(f'held-out loss {eval_loss:.4f} (perplexity '
         f'{math.exp(min(eval_loss, 50)):.1f})', flush=True)
   prompt = tok.encode(sample_prompt)
@@ -537,13 +599,14 @@ def train(*, workdir: str,
   sample = tok.decode(prompt + new)
   print(f'greedy sample: {sample!r}', flush=True)
   board.close()
-  model_dir = model_checkpoint.save(
-      os.path.join(workdir, 'model'), cfg, params,
-      tokenizer_path=tok.model_path, meta={'step': train_steps},
-      overwrite=True)
+  model_dir = os.path.join(workdir, 'model')
   result = {'step': train_steps, 'train_loss': loss, 'eval_loss': eval_loss,
             'skipped_steps': skipped, 'sample': sample,
             'model_dir': model_dir, 'elapsed_s': time.time() - t_start}
+  if not lead:
+    return result
+  model_checkpoint.save(model_dir, cfg, params, tokenizer_path=tok.model_path,
+                        meta={'step': train_steps}, overwrite=True)
   with open(os.path.join(workdir, 'final.json'), 'w') as f:
     json.dump(result, f, indent=2)
   print(f'glm train: done; model written to {model_dir}', file=sys.stderr,

@@ -115,18 +115,28 @@ def test_activation_formula_is_korthikanti_for_bloom():
   assert 2 * s * b * h < dots < none
 
 
-def test_remat_and_microbatches_scale_the_layer_activations():
-  mc = MeshConfig(pipeline=2, data=2)
+def test_pipeline_keeps_the_residuals_of_every_tick():
+  s, h = TINY.max_len, TINY.hidden
+  layer = plan_lib.layer_activation_bytes(TINY, seq_len=s, rows=1, tensor=1,
+                                          remat='none', dtype='bfloat16')
+  mc = MeshConfig(pipeline=2, data=2)  # M = 2 microbatches: 3 ticks
   base = plan_lib.plan(TINY, mc, device_memory='1GB', remat='none')
-  full = plan_lib.plan(TINY, mc, device_memory='1GB', remat='full')
   assert base['micro_batch'] == 4 and base['rows_per_microbatch'] == 1
-  assert full['activation_bytes']['layers'] < base['activation_bytes']['layers']
-  assert full['activation_bytes']['recompute'] > 0
+  assert base['ticks'] == 3 and base['layers_per_stage'] == 1
+  assert base['activation_bytes']['layers'] == round(3 * 1 * layer)
   more = plan_lib.plan(TINY, MeshConfig(pipeline=2, data=2, microbatches=4),
                        device_memory='1GB', remat='none')
-  assert (more['activation_bytes']['layers']
-          == 2 * base['activation_bytes']['layers'])
+  assert more['ticks'] == 5
+  assert more['activation_bytes']['layers'] == round(5 * layer)
   assert more['bubble_fraction'] < base['bubble_fraction']
+  # remat full checkpoints a stage's whole chunk: its input per tick, and one
+  # chunk rebuilt in the backward.
+  full = plan_lib.plan(TINY, mc, device_memory='1GB', remat='full')
+  assert full['activation_bytes']['layers'] == 3 * (2 * s * h)
+  assert full['activation_bytes']['recompute'] == round(layer)
+  # Without a pipeline, nn.remat per block: every layer input is kept.
+  flat = plan_lib.plan(TINY, MeshConfig(), device_memory='1GB', remat='full')
+  assert flat['activation_bytes']['layers'] == 2 * (2 * s * h)
 
 
 def test_bad_inputs_raise_one_line_errors():
