@@ -61,6 +61,9 @@ def _parser() -> argparse.ArgumentParser:
   plan.add_argument('--dtype', default='bfloat16', help='compute dtype')
   plan.add_argument('--json', action='store_true',
                     help='print a JSON object instead of the table')
+  plan.add_argument('--lower_layers', type=int, default=0,
+                    help='also lower the sharded train step with this many '
+                    'layers on the full mesh (faked CPU devices)')
 
   train = sub.add_parser('train', help='train a model (t5x-style gin run)')
   train.add_argument('--gin_file', action='append', required=True)
@@ -159,7 +162,22 @@ def _cmd_plan(args, bindings) -> None:
   result = plan.plan(ModelConfig(), mc, device_memory=args.device_memory,
                      micro_batch=args.micro_batch, seq_len=args.seq_len,
                      remat=args.remat, dtype=args.dtype)
+  if args.lower_layers:
+    import jax  # pylint: disable=g-import-not-at-top
+    jax.config.update('jax_num_cpu_devices', mc.num_devices)
+    jax.config.update('jax_platforms', 'cpu')
+    result['lowered'] = plan.lower_train_step(
+        ModelConfig().replace(dtype=args.dtype,
+                              remat_policy=result['remat']),
+        mc, layers=args.lower_layers,
+        micro_batch=result['micro_batch'], seq_len=result['seq_len'])
   print(json.dumps(result) if args.json else plan.format_plan(result))
+  if args.lower_layers and not args.json:
+    low = result['lowered']
+    print(f'lowered the sharded train step with {low["layers"]} layers on '
+          f'{low["devices"]} faked devices in {low["lower_s"]:.1f}s '
+          f'({low["collective_permutes"]} collective permutes, '
+          f'{low["all_reduces"]} all-reduces in the StableHLO)')
 
 
 def _cmd_train(args, bindings) -> None:

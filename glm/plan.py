@@ -349,3 +349,55 @@ def format_plan(r: dict[str, Any]) -> str:
   lines += [f'warning: {w}' for w in r['warnings']]
   lines += ['assumes:'] + [f'  - {a}' for a in r['assumptions']]
   return '\n'.join(lines)
+
+
+def lower_train_step(cfg: ModelConfig, mc: mesh_lib.MeshConfig, *,
+                     layers: int, micro_batch: int, seq_len: int) -> dict:
+  """Lowers the real sharded train step on the production mesh shape.
+
+  The model keeps its widths but gets `layers` layers (a multiple of
+  pipeline x repeats), so that tracing stays cheap; nothing is allocated
+  (abstract inputs with their shardings) and nothing is compiled. Needs
+  mc.num_devices devices: fake them on CPU (`glm plan --lower_layers` sets
+  the CPU device count before JAX starts).
+  """
+  import time  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from glm import optimizers  # pylint: disable=g-import-not-at-top
+  from glm import train as train_lib  # pylint: disable=g-import-not-at-top
+
+  small = cfg.replace(num_layers=layers, scan_layers=True)
+  mesh_lib.validate(mc, small, micro_batch=micro_batch,
+                    num_devices=jax.device_count())
+  mesh = mesh_lib.make_mesh(mc)
+  oc = optimizers.OptimizerConfig()
+  opt = optimizers.make_optimizer(oc, optimizers.lr_table(
+      oc, np.full(10, micro_batch * seq_len)))
+  t = time.perf_counter()
+
+  def new_state():
+    params = transformer.abstract_params(small)
+    return {'params': params, 'opt_state': opt.init(params),
+            'loss_ema': jnp.float32(0), 'bad_steps': jnp.int32(0)}
+
+  state = jax.eval_shape(new_state)
+  shardings = mesh_lib.state_shardings(state, small, mc, mesh)
+  state = jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      state, shardings)
+  shape = (1, micro_batch, seq_len)
+  batch = {'tokens': jnp.int32, 'targets': jnp.int32,
+           'loss_mask': jnp.float32}
+  batch = {k: jax.ShapeDtypeStruct(shape, dt, sharding=jax.sharding
+                                   .NamedSharding(mesh, mesh_lib.batch_spec(3)))
+           for k, dt in batch.items()}
+  step, _ = train_lib.make_train_step(small, opt, mesh_cfg=mc, mesh=mesh)
+  lowered = step.lower(state, batch)
+  text = lowered.as_text()
+  return {'layers': layers, 'devices': mc.num_devices,
+          'lower_s': time.perf_counter() - t,
+          'collective_permutes': text.count('collective_permute'),
+          'all_reduces': text.count('all_reduce'),
+          'stablehlo_chars': len(text)}

@@ -42,16 +42,18 @@ FAMILIES = {
     'bloom': ModelConfig(vocab_size=384, hidden=32, num_layers=4, num_heads=8,
                          mlp_dim=64, max_len=64, position='alibi',
                          embed_norm=True),
-    # GLM: DeepNorm, GeGLU, 2D RoPE, gradient shrink; per-token prefix masks.
+    # GLM: DeepNorm, GeGLU, 2D RoPE, gradient shrink; per-token prefix masks;
+    # remat of the matmul outputs.
     'glm': ModelConfig(vocab_size=384, hidden=32, num_layers=4, num_heads=8,
                        mlp_dim=64, max_len=64, position='rope2d',
                        norm_layout='deepnorm', mlp_activation='geglu',
-                       embed_grad_shrink=0.1),
-    # UL2 / PaLM: RMSNorm, SwiGLU, RoPE, no biases; prefix-LM lengths.
+                       embed_grad_shrink=0.1, remat_policy='dots'),
+    # UL2 / PaLM: RMSNorm, SwiGLU, RoPE, no biases; prefix-LM lengths; full
+    # remat.
     'ul2': ModelConfig(vocab_size=384, hidden=32, num_layers=4, num_heads=8,
                        mlp_dim=64, max_len=64, position='rope',
                        norm_type='rmsnorm', mlp_activation='swiglu',
-                       use_bias=False),
+                       use_bias=False, remat_policy='full'),
 }
 
 # layout -> (mesh, number of devices used).

@@ -188,3 +188,23 @@ def test_cli_table_json_and_errors():
     lines = bad.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith('glm plan: error:')
     assert needle in lines[0]
+
+
+def test_lower_the_sharded_step_on_the_full_mesh():
+  """--lower_layers lowers the real train step (shard_map pipeline, TP,
+  ZeRO-1) on faked devices of the production mesh shape, scaled down."""
+  out = _cli('--gin_file', os.path.join(ROOT, 'configs', 'models',
+                                             'bloom_176b.gin'),
+                  '--mesh', 'tensor=4,pipeline=12,data=8', '--zero1',
+                  '--device_memory', '80GB', '--seq_len', '256',
+                  '--lower_layers', '12', '--json')
+  assert out.returncode == 0, out.stderr[-2000:]
+  low = json.loads(out.stdout)['lowered']
+  assert low['devices'] == 384 and low['layers'] == 12
+  assert low['collective_permutes'] >= 1  # the stage-to-stage ppermute
+  bad = _cli('--gin_file', os.path.join(ROOT, 'configs', 'models',
+                                             'bloom_176b.gin'),
+                  '--mesh', 'tensor=4,pipeline=12,data=8',
+                  '--device_memory', '80GB', '--lower_layers', '13')
+  assert bad.returncode == 2
+  assert 'num_layers=13 does not split' in bad.stderr.strip().splitlines()[-1]
