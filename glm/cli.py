@@ -4,7 +4,11 @@
   glm plan    --gin_file F --mesh tensor=4,pipeline=12 --device_memory 80GB
               [--zero1] [--micro_batch N] [--seq_len T] [--microbatches M]
               [--remat full|dots|dots_no_batch|none] [--dtype D] [--json]
+              [--lower_layers L]
   glm train   --gin_file F [--gin_file F2 ...] [--gin.NAME=VALUE ...] --workdir W
+              [--mesh data=2,tensor=2,pipeline=2]
+              [--coordinator_address H:P --num_processes N --process_id I]
+  glm launch-local --num_processes N [--devices_per_process K] -- <train args>
   glm convert hf-to-glm --hf_dir D --out C
   glm convert glm-to-hf --checkpoint C --out D
   glm score   --checkpoint C --input IN.jsonl --output OUT.jsonl
