@@ -287,6 +287,13 @@ def per_device_bytes(shape: Sequence[int], dtype, spec: P,
   return n * np.dtype(dtype).itemsize
 
 
+def local_rows(mesh: Mesh, micro: int) -> list[int]:
+  """Rows of a micro-batch of `micro` rows held by this process's devices."""
+  sharding = NamedSharding(mesh, P(BATCH_AXES))
+  index_map = sharding.addressable_devices_indices_map((micro,))
+  return sorted({r for idx in index_map.values() for r in range(micro)[idx[0]]})
+
+
 def put_batch(make_rows, num_micro: int, micro: int, mesh: Mesh) -> dict:
   """Global [A, B, ...] micro-batch arrays built from this process's rows.
 
@@ -294,10 +301,7 @@ def put_batch(make_rows, num_micro: int, micro: int, mesh: Mesh) -> dict:
   a * B + r is row r of micro-batch a. Each process asks only for the rows
   its devices hold (all of them in a one-process run).
   """
-  rows_sharding = NamedSharding(mesh, P(None, BATCH_AXES))
-  index_map = rows_sharding.addressable_devices_indices_map((num_micro, micro))
-  needed = sorted({r for idx in index_map.values()
-                   for r in range(micro)[idx[1]]})
+  needed = local_rows(mesh, micro)
   pos = {r: i for i, r in enumerate(needed)}
   built = make_rows([a * micro + r for a in range(num_micro) for r in needed])
   out = {}

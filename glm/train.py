@@ -503,6 +503,11 @@ def train(*, workdir: str,
                             f'{mesh_cfg.bubble_fraction():.1%}'
                             if mesh_cfg.pipeline > 1 else '')
           + (', ZeRO-1' if mesh_cfg.zero1 else ''), flush=True)
+    if jax.process_count() > 1:
+      mine = mesh_lib.local_rows(device_mesh, micro)
+      print(f'glm train: process {jax.process_index()} builds rows '
+            f'{mine[0]}..{mine[-1]} ({len(mine)} of {micro}) of each '
+            'micro-batch', flush=True)
 
   def evaluate(params, step: int) -> float:
     row = {'step': step}

@@ -19,7 +19,8 @@ import os
 import sys
 import tempfile
 
-os.environ.setdefault('JAX_NUM_CPU_DEVICES', '8')
+if __name__ == '__main__':  # before JAX starts; never when imported by tests
+  os.environ.setdefault('JAX_NUM_CPU_DEVICES', '8')
 
 import flax.linen as nn  # pylint: disable=g-import-not-at-top
 import jax

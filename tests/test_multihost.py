@@ -34,8 +34,10 @@ def test_two_processes_equal_one(tmp_path, data_dir):
              *train_args(tmp_path / 'two', data_dir)])
   assert two.returncode == 0, two.stderr[-3000:] + two.stdout[-3000:]
   assert 'over 2 devices in 2 process(es)' in two.stdout
-  for i in (0, 1):
-    assert (tmp_path / 'two' / 'logs' / f'process_{i}.log').is_file()
+  # Each process builds only its half of every micro-batch (BATCH_SIZE 4).
+  for i, rows in ((0, '0..1'), (1, '2..3')):
+    log = (tmp_path / 'two' / 'logs' / f'process_{i}.log').read_text()
+    assert f'process {i} builds rows {rows} (2 of 4)' in log
   a, b = losses_by_step(tmp_path / 'one'), losses_by_step(tmp_path / 'two')
   assert sorted(a) == sorted(b) == [1, 2, 3, 4]
   np.testing.assert_allclose([b[s] for s in sorted(b)],

@@ -54,7 +54,7 @@ def test_layout_equals_one_device(parallel_runs, family, layout):
   np.testing.assert_allclose(got['losses'], ref['losses'], rtol=1e-5)
   np.testing.assert_allclose(got['grad_norms'], ref['grad_norms'], rtol=1e-5)
   grads = [k for k in ref.files if k.startswith('grad[')]
-  assert len(grads) > 10
+  assert len(grads) >= 10  # every parameter of the family
   scale = max(np.abs(ref[k]).max() for k in grads)
   for k in grads:
     # Some gradients are zero in exact arithmetic (the attention key bias:
