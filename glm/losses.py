@@ -12,14 +12,20 @@ def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
 
   Its own backward, softmax - one_hot, is one fused pass over the logits
   (autodiff of log_softmax + take_along_axis makes several, plus a scatter).
-  The target logit is picked with a masked sum, a reduction over the vocab
-  axis, so with vocab-parallel logits every device reduces its own shard and
-  the full vocabulary is never gathered (a gather would be).
+  With vocab-parallel logits the target logit is a masked sum, a reduction
+  over the vocab axis, so the full vocabulary is never gathered.
   """
   return _token_nll_fwd(logits, targets)[0]
 
 
 def _picked(logits, targets):
+  """logits[..., target]: a gather on one device; a masked sum over the
+  vocab axis when a mesh splits it (`tensor` > 1), so that each device
+  reduces its own shard (the masked sum costs an extra pass on one device)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  split = not mesh.empty and dict(mesh.shape).get('tensor', 1) > 1
+  if not split:
+    return jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
   vocab = jnp.arange(logits.shape[-1], dtype=targets.dtype)
   return jnp.sum(jnp.where(vocab == targets[..., None], logits, 0.0), -1)
 
