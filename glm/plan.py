@@ -62,16 +62,20 @@ the chunk is the whole stack (C = num_layers). On a device:
              (rows = R) without a pipeline; built per tick inside the stage
              with one, kept for K ticks (rows = K b) without remat, rebuilt
              (rows = b) with it
-  head       R * s * (n * 2c*h + 8*V/t): the stack's input and output (n = 2;
-             with a pipeline also its microbatch and output buffers, n = 4) and
-             fp32 logits and their gradient (vocab-parallel)
+  head       R * s * (n * 2c*h + 4h) + 4 * V/t * (3 * 512 + h): the stack's
+             input and output (n = 2; with a pipeline also its microbatch and
+             output buffers, n = 4), the fp32 gradient of the final hidden
+             states and of the output matrix that `losses.output_loss` keeps,
+             and one chunk of 512 rows of fp32 logits, their exp and their
+             gradient (the full [B, T, V] logits are never materialised)
 
 Assumptions (also listed under the table):
   * Activations as above: per layer Korthikanti et al.; a pipeline keeps the
     residuals of all its K ticks.
-  * Embedding, final norm, logits and loss run outside the pipeline on the
-    whole micro-batch, replicated over `pipeline`; the embedding table is
-    split by `tensor` (and `fsdp`) only, so every stage holds a full share.
+  * Embedding, final norm and the chunked output loss run outside the
+    pipeline on the whole micro-batch, replicated over `pipeline`; the
+    embedding table is split by `tensor` (and `fsdp`) only, so every stage
+    holds a full share.
   * Uneven layer splits are estimated for the heaviest stage (ceil), with a
     warning: Megatron-style trainers allow them, `glm train` does not.
   * Not counted: XLA temporaries and fragmentation, collective buffers, the
@@ -105,8 +109,9 @@ ASSUMPTIONS = (
     'activations: Korthikanti et al. 2022 per layer (no sequence '
     'parallelism); a pipeline keeps the residuals of all its M*repeats + '
     'pipeline - 1 ticks',
-    'embedding, logits (fp32, x2 with their gradient) and loss on the whole '
-    'micro-batch on every device; embedding table replicated over pipeline',
+    'embedding and the chunked output loss (512-row fp32 logit chunks) on '
+    'the whole micro-batch on every device; embedding table replicated over '
+    'pipeline',
     'not counted: XLA temporaries, collective buffers, a second gradient '
     'buffer when accumulating micro-batches, weight copies kept as residuals',
 )
@@ -218,7 +223,8 @@ def activation_bytes(cfg: ModelConfig, mc: mesh_lib.MeshConfig, *,
       'recompute': unit * full_layer if remat != 'none' else 0.0,
       'attention_bias': 4.0 * heads * s * s * bias_rows,
       'head': rows * s * ((4 if pipelined else 2) * itemsize * cfg.hidden
-                          + 8.0 * cfg.padded_vocab_size / t),
+                          + 4.0 * cfg.hidden)
+              + 4.0 * cfg.padded_vocab_size / t * (3 * 512 + cfg.hidden),
   }
   return {k: int(round(v)) for k, v in act.items()}
 

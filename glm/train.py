@@ -94,16 +94,11 @@ def make_train_step(cfg: ModelConfig, opt: optax.GradientTransformation, *,
     model = transformer.Transformer(cfg)
 
   def loss_sums(params, batch, rng):
-    if rng is None:  # no dropout
-      logits = model.apply({'params': params}, batch)
-    else:
-      logits = model.apply({'params': params}, batch, deterministic=False,
-                           rngs={'dropout': rng})
-    total, count = losses.cross_entropy(logits, batch['targets'],
-                                        batch['loss_mask'])
-    if z_loss:
-      total = total + z_loss * losses.z_loss_sum(logits, batch['loss_mask'])
-    return total, count
+    kw = {} if rng is None else {'deterministic': False,
+                                 'rngs': {'dropout': rng}}
+    x, w = model.apply({'params': params}, batch, output_layer=False, **kw)
+    return losses.output_loss(x, w, batch['targets'], batch['loss_mask'],
+                              vocab_size=cfg.vocab_size, z_loss=z_loss)
 
   def micro_grads(params, micro, rng):
     (total, count), grads = jax.value_and_grad(loss_sums, has_aux=True)(

@@ -79,7 +79,10 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, batch: dict[str, jax.Array], *,
-               deterministic: bool = True) -> jax.Array:
+               deterministic: bool = True, output_layer: bool = True):
+    """[B, T, V] float32 logits; with output_layer=False instead the final
+    hidden states [B, T, E] and the output matrix [V, E] (what
+    `losses.output_loss` takes, so that the logits are never materialised)."""
     cfg = self.cfg
     deterministic = deterministic or cfg.dropout_rate == 0.0
     tokens = batch['tokens']
@@ -117,12 +120,16 @@ class Transformer(nn.Module):
 
     if cfg.final_norm:
       x = Norm(cfg, name='final_norm')(x)
+    dt = compute_dtype(cfg)
+    if not cfg.tie_embeddings:
+      w = param(self, 'lm_head', normal_init(cfg.init_std),
+                (cfg.hidden, cfg.padded_vocab_size), ('embed', 'vocab'))
+    if not output_layer:
+      table = embed.embedding if cfg.tie_embeddings else w.T  # [V, E]
+      return x.astype(dt), table.astype(dt)
     if cfg.tie_embeddings:
       logits = embed.attend(x)
     else:
-      w = param(self, 'lm_head', normal_init(cfg.init_std),
-                (cfg.hidden, cfg.padded_vocab_size), ('embed', 'vocab'))
-      dt = compute_dtype(cfg)
       logits = jnp.einsum('bte,ev->btv', x, w.astype(dt),
                           preferred_element_type=jnp.float32)
     logits = nn.with_logical_constraint(logits, ('batch', 'length', 'vocab'))

@@ -316,6 +316,41 @@ def test_cross_entropy_and_its_gradient_match_log_softmax():
       mask.sum())
 
 
+@pytest.mark.parametrize('tie,z_loss,chunk', [(True, 0.0, 4), (True, 1e-2, 7),
+                                               (False, 1e-2, 64)])
+def test_output_loss_equals_logits_then_cross_entropy(tie, z_loss, chunk):
+  """The chunked output layer + loss (values and gradients of x and of the
+  output matrix) equals logits -> cross_entropy + z-loss, with a padded
+  vocabulary, masked tokens and a chunk size that does not divide B*T."""
+  from glm import losses  # pylint: disable=g-import-not-at-top
+  cfg = CFG.replace(tie_embeddings=tie, vocab_size=50)  # padded to 128
+  params = transformer.init_params(cfg, jax.random.PRNGKey(1))
+  batch = {k: jnp.asarray(v) for k, v in _batch(3, b=3, t=6).items()}
+  batch['targets'] = batch['targets'] % 50
+  batch['loss_mask'] = batch['loss_mask'].at[0, :2].set(0.0)
+  model = transformer.Transformer(cfg)
+
+  def plain(p):
+    logits = model.apply({'params': p}, batch)
+    total, count = losses.cross_entropy(logits, batch['targets'],
+                                        batch['loss_mask'])
+    return total + z_loss * losses.z_loss_sum(logits, batch['loss_mask']), count
+
+  def fused(p):
+    x, w = model.apply({'params': p}, batch, output_layer=False)
+    return losses.output_loss(x, w, batch['targets'], batch['loss_mask'],
+                              vocab_size=50, z_loss=z_loss, chunk_rows=chunk)
+
+  (want, n0), g_want = jax.value_and_grad(plain, has_aux=True)(params)
+  (got, n1), g_got = jax.value_and_grad(fused, has_aux=True)(params)
+  assert float(n0) == float(n1) == float(batch['loss_mask'].sum())
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(g_got)[0],
+                          jax.tree.leaves(g_want)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6,
+                               err_msg=jax.tree_util.keystr(path))
+
+
 def test_dropout_is_seeded_per_step_and_off_at_eval():
   cfg = CFG.replace(dropout_rate=0.5)
   params = transformer.init_params(cfg, jax.random.PRNGKey(0))
