@@ -62,6 +62,11 @@ def test_layout_equals_one_device(parallel_runs, family, layout):
     np.testing.assert_allclose(got[k], ref[k], rtol=1e-5, atol=1e-6 * scale,
                                err_msg=k)
   for k in (k for k in ref.files if k.startswith('param[')):
+    if "['key_bias']" in k:
+      # Its gradient is rounding noise around an exact zero, which Adam turns
+      # into updates of ~lr * |g| / eps: equal only to about 1e-6 absolute.
+      np.testing.assert_allclose(got[k], ref[k], atol=1e-5, err_msg=k)
+      continue
     np.testing.assert_allclose(got[k], ref[k], rtol=1e-5, atol=1e-6,
                                err_msg=k)
 
