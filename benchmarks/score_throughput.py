@@ -14,8 +14,6 @@ Defaults follow DESIGN.md's yardstick shape: vocab 8192, hidden 256, 4 layers,
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import tempfile
 import time
@@ -31,6 +29,8 @@ from glm import model_info
 from glm import scoring
 from glm import train as train_lib
 
+import report  # benchmarks/report.py, next to this script
+
 
 def _time(fn, repeats: int) -> float:
   fn()  # warm-up / compile
@@ -41,17 +41,8 @@ def _time(fn, repeats: int) -> float:
 
 
 def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument('--vocab', type=int, default=8192)
-  p.add_argument('--hidden', type=int, default=256)
-  p.add_argument('--layers', type=int, default=4)
-  p.add_argument('--heads', type=int, default=8)
-  p.add_argument('--batch', type=int, default=8)
-  p.add_argument('--seq_len', type=int, default=256)
+  p = report.yardstick_parser(__doc__, 'score_throughput.json')
   p.add_argument('--repeats', type=int, default=5)
-  p.add_argument('--out', default=os.path.join(
-      os.path.dirname(os.path.abspath(__file__)), 'results',
-      'score_throughput.json'))
   args = p.parse_args()
 
   torch.manual_seed(0)
@@ -97,17 +88,7 @@ def main() -> None:
       'devices': [str(d) for d in jax.devices()],
       'torch_threads': torch.get_num_threads(),
   }
-  print(f'{"metric":<28}{"value":>16}')
-  for k in ('glm_tokens_per_s', 'hf_tokens_per_s', 'glm_over_hf',
-            'glm_flops_per_s', 'matmul_ceiling_flops_per_s',
-            'glm_fraction_of_ceiling', 'max_abs_logprob_diff'):
-    v = rows[k]
-    print(f'{k:<28}{v:>16.4g}')
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, 'w') as f:
-    json.dump(rows, f, indent=2)
-  print(f'wrote {args.out}')
-
+  report.write(rows, args.out)
 
 if __name__ == '__main__':
   main()

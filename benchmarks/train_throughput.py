@@ -24,8 +24,6 @@ ceiling. Takes about a minute on 2 CPU cores.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import re
 import tempfile
@@ -45,6 +43,8 @@ from glm import optimizers
 from glm import train as train_lib
 from glm import transformer
 from glm.config import ModelConfig
+
+import report  # benchmarks/report.py, next to this script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -155,19 +155,11 @@ def default_run_compile() -> dict:
 
 
 def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument('--vocab', type=int, default=8192)
-  p.add_argument('--hidden', type=int, default=256)
-  p.add_argument('--layers', type=int, default=4)
-  p.add_argument('--heads', type=int, default=8)
-  p.add_argument('--batch', type=int, default=8)
-  p.add_argument('--seq_len', type=int, default=256)
+  p = report.yardstick_parser(__doc__, 'train_throughput.json')
   p.add_argument('--steps', type=int, default=10,
                  help='timed steps of each (median), after one warm-up')
   p.add_argument('--skip_default_run', action='store_true',
                  help='do not time the default run config')
-  p.add_argument('--out', default=os.path.join(ROOT, 'benchmarks', 'results',
-                                               'train_throughput.json'))
   args = p.parse_args()
 
   torch.manual_seed(0)
@@ -218,15 +210,7 @@ def main() -> None:
       'torch_threads': torch.get_num_threads(),
       'load_average': os.getloadavg(),
   }
-  print(f'{"metric":<32}{"value":>16}')
-  for k, v in rows.items():
-    if isinstance(v, float):
-      print(f'{k:<32}{v:>16.4g}')
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, 'w') as f:
-    json.dump(rows, f, indent=2)
-  print(f'wrote {args.out}')
-
+  report.write(rows, args.out)
 
 if __name__ == '__main__':
   main()
