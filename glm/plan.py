@@ -89,13 +89,16 @@ from __future__ import annotations
 
 import math
 import re
+import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from glm import mesh as mesh_lib
+from glm import optimizers
 from glm import transformer
 from glm.config import DTYPES, REMAT_POLICIES, ModelConfig
 
@@ -367,11 +370,6 @@ def lower_train_step(cfg: ModelConfig, mc: mesh_lib.MeshConfig, *,
   mc.num_devices devices: fake them on CPU (`glm plan --lower_layers` sets
   the CPU device count before JAX starts).
   """
-  import time  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from glm import optimizers  # pylint: disable=g-import-not-at-top
   from glm import train as train_lib  # pylint: disable=g-import-not-at-top
 
   small = cfg.replace(num_layers=layers, scan_layers=True)

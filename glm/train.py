@@ -171,24 +171,23 @@ class _ShardedStep:
     self.state_out = state_out
     self.jitted = None
 
+  def _jit(self, state):
+    out = None
+    if self.state_out:
+      out = (mesh_lib.state_shardings(state, self.cfg, self.mesh_cfg,
+                                      self.mesh), None)
+    return jax.jit(self.fn, out_shardings=out)
+
   def __call__(self, *args):
     if self.jitted is None:
-      out = None
-      if self.state_out:
-        out = (mesh_lib.state_shardings(args[0], self.cfg, self.mesh_cfg,
-                                        self.mesh), None)
-      self.jitted = jax.jit(self.fn, out_shardings=out)
+      self.jitted = self._jit(args[0])
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(mesh_lib.rules()):
       return self.jitted(*args)
 
   def lower(self, *args):
     """Lowers without running (for `glm plan` style checks)."""
-    out = None
-    if self.state_out:
-      out = (mesh_lib.state_shardings(args[0], self.cfg, self.mesh_cfg,
-                                      self.mesh), None)
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(mesh_lib.rules()):
-      return jax.jit(self.fn, out_shardings=out).lower(*args)
+      return self._jit(args[0]).lower(*args)
 
 
 def measure_peak_flops(dtype: str, n: int = 2048, repeats: int = 5) -> float:
