@@ -29,7 +29,9 @@ import os
 import re
 
 from glm.data import corpus
+from glm.data.errors import DataError
 from glm.data import tokenizer as tokenizer_lib
+
 
 CARD_JSON = 'data_card.json'
 CARD_MD = 'data_card.md'
@@ -74,7 +76,7 @@ def card_rows(corpus_dir: str,
   """{lang: row} (see the module docstring), plus a 'total' row."""
   manifest = corpus.read_manifest(corpus_dir)
   if manifest is None or 'sampling' not in manifest:
-    raise ValueError(
+    raise DataError(
         f'{corpus_dir=} has no manifest with sampling stats; build it with '
         'glm.data.corpus.ensure_corpus (recipe glm-corpus-v2 or later).')
   rows = collections.defaultdict(lambda: dict.fromkeys(_COLUMNS[2:], 0))

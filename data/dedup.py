@@ -36,6 +36,8 @@ import zlib
 
 import numpy as np
 
+from glm.data.errors import DataError
+
 DEFAULT_THRESHOLD = 0.8
 DEFAULT_NUM_PERM = 128
 DEFAULT_NGRAM = 5
@@ -102,7 +104,7 @@ def shingles(text: str, *, ngram: int = DEFAULT_NGRAM,
     units = np.frombuffer(text.encode('utf-32-le'),
                           dtype=np.uint32).astype(np.uint64)
   else:
-    raise ValueError(f"{unit=} must be 'word', 'char' or 'auto'.")
+    raise DataError(f"{unit=} must be 'word', 'char' or 'auto'.")
   with np.errstate(over='ignore'):
     return np.unique(_window_hashes(_splitmix64(units), ngram))
 
@@ -144,7 +146,7 @@ def lsh_bands(threshold: float, num_perm: int) -> tuple[int, int]:
   integrated over s, for the LSH S-curve P(candidate | s) = 1-(1-s^R)^B.
   """
   if not 0.0 < threshold <= 1.0:
-    raise ValueError(f'{threshold=} must be in (0, 1].')
+    raise DataError(f'{threshold=} must be in (0, 1].')
   s = np.linspace(0.0, 1.0, 401)
   below, above = s < threshold, s >= threshold
   best, best_cost = (1, num_perm), np.inf

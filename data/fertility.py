@@ -33,7 +33,9 @@ import re
 import tempfile
 
 from glm.data import corpus
+from glm.data.errors import DataError
 from glm.data import tokenizer as tokenizer_lib
+
 
 FLAG_RATIO = 1.10
 REPORT_JSON = 'fertility.json'
@@ -207,8 +209,8 @@ def fertility_report(corpus_dir: str, tokenizer_path: str, out_dir: str, *,
     languages = list(texts)
   unknown = sorted(set(languages) - set(texts))
   if unknown:
-    raise ValueError(f'languages {unknown} are not in corpus {corpus_dir}; '
-                     f'choose from {sorted(texts)}.')
+    raise DataError(f'languages {unknown} are not in corpus {corpus_dir}; '
+                    f'choose from {sorted(texts)}.')
   limits = dict(max_train_chars=max_train_chars,
                 max_eval_chars=max_eval_chars,
                 min_train_chars=min_train_chars,

@@ -42,7 +42,9 @@ import math
 
 import numpy as np
 
+from glm.data.errors import DataError
 from glm.data import objectives
+
 
 GLM_OBJECTIVES = ('mask', 'smask', 'gmask')
 MIN_LENGTH = 2
@@ -98,9 +100,9 @@ def sample_span_lengths(rng: np.random.Generator, num_masked: int, *,
   is an uncut truncated-Poisson draw whenever j * max_span < num_masked.)
   """
   if num_masked < 1:
-    raise ValueError(f'{num_masked=} must be >= 1.')
+    raise DataError(f'{num_masked=} must be >= 1.')
   if poisson_lambda <= 0 or max_span < 1:
-    raise ValueError(f'{poisson_lambda=} must be > 0 and {max_span=} >= 1.')
+    raise DataError(f'{poisson_lambda=} must be > 0 and {max_span=} >= 1.')
   batch = int(num_masked / max(poisson_lambda, 1.0)) + 8
   chunks, total = [], 0
   while total < num_masked:
@@ -129,8 +131,8 @@ def place_spans(rng: np.random.Generator, lengths: np.ndarray,
   k = len(lengths)
   free = length - int(np.sum(lengths)) - (k - 1)
   if free < 0:
-    raise ValueError(f'{k} spans of {int(np.sum(lengths))} tokens cannot be '
-                     f'placed apart in L={length}.')
+    raise DataError(f'{k} spans of {int(np.sum(lengths))} tokens cannot be '
+                    f'placed apart in L={length}.')
   bars = np.sort(rng.choice(free + k, size=k, replace=False))
   return bars + np.cumsum(lengths) - lengths
 
@@ -139,8 +141,8 @@ def mask_spans(rng, length, *, mask_ratio=0.15, poisson_lambda=3.0,
                max_span=39) -> tuple[np.ndarray, np.ndarray]:
   """([MASK]) (starts, lengths) sorted by start; see the module doc."""
   if not 0 < mask_ratio <= 0.5:
-    raise ValueError(f'{mask_ratio=} must be in (0, 0.5] so that the spans '
-                     'fit apart.')
+    raise DataError(f'{mask_ratio=} must be in (0, 0.5] so that the spans '
+                    'fit apart.')
   lengths = sample_span_lengths(
       rng, num_masked_tokens(length, mask_ratio),
       poisson_lambda=poisson_lambda, max_span=max_span)
@@ -157,9 +159,9 @@ def sentence_spans(rng, sentence_end, *,
   ends = np.append(ends, length - 1)            # [S] last token of each
   starts = np.concatenate([[0], ends[:-1] + 1])
   if starts.size < 2:
-    raise ValueError(f'[sMASK] needs at least 2 sentences, got 1 in L={length} '
-                     'tokens (no sentence end before the last token); use '
-                     "objective='mask' for this window.")
+    raise DataError(f'[sMASK] needs at least 2 sentences, got 1 in L={length} '
+                    'tokens (no sentence end before the last token); use '
+                    "objective='mask' for this window.")
   lengths = ends - starts + 1
   order = rng.permutation(starts.size)
   cum = np.cumsum(lengths[order])
@@ -174,7 +176,7 @@ def gmask_span(rng, length, *,
                gmask_min_ratio=0.2) -> tuple[np.ndarray, np.ndarray]:
   """([gMASK]) one suffix span, length uniform in [ceil(r L), L - 1]."""
   if not 0 <= gmask_min_ratio < 1:
-    raise ValueError(f'{gmask_min_ratio=} must be in [0, 1).')
+    raise DataError(f'{gmask_min_ratio=} must be in [0, 1).')
   low = min(max(math.ceil(gmask_min_ratio * length), 1), length - 1)
   span = int(rng.integers(low, length))          # uniform in [low, L - 1]
   return np.array([length - span]), np.array([span])
@@ -208,7 +210,7 @@ def glm_example(source, special: objectives.SpecialIds,
     The example; length L + 2 * (number of spans), see `max_glm_length`.
   """
   if objective not in GLM_OBJECTIVES:
-    raise ValueError(f'{objective=} is not one of {GLM_OBJECTIVES}.')
+    raise DataError(f'{objective=} is not one of {GLM_OBJECTIVES}.')
   source = objectives.check_source(source, min_length=MIN_LENGTH,
                                    objective=f'glm {objective}')
   length = source.size
@@ -218,8 +220,8 @@ def glm_example(source, special: objectives.SpecialIds,
                                  max_span=max_span)
   elif objective == 'smask':
     if sentence_end is None or np.shape(sentence_end) != (length,):
-      raise ValueError("objective='smask' needs sentence_end of shape "
-                       f'({length},), got {np.shape(sentence_end)}.')
+      raise DataError("objective='smask' needs sentence_end of shape "
+                      f'({length},), got {np.shape(sentence_end)}.')
     starts, lengths = sentence_spans(rng, sentence_end, mask_ratio=mask_ratio)
   else:
     starts, lengths = gmask_span(rng, length, gmask_min_ratio=gmask_min_ratio)
@@ -281,7 +283,7 @@ def reconstruct_source(example: objectives.Example,
     pos = int(example['position_ids'][n_a + head])
     if (b_tok[head] != special.sop or b_tgt[end - 1] != special.eop
         or part_a[pos] not in mask_ids or pos in spans):
-      raise ValueError(f'Part B block {j} at {n_a + head} is malformed.')
+      raise DataError(f'Part B block {j} at {n_a + head} is malformed.')
     spans[pos] = b_tgt[head:end - 1]
   pieces, prev = [], 0
   for pos in sorted(spans):
@@ -295,7 +297,7 @@ def sample_glm_objective(rng: np.random.Generator,
                          mask_prob: float = 0.3) -> str:
   """GLM-130B's mix: 'mask' with probability `mask_prob`, else 'gmask'."""
   if not 0 <= mask_prob <= 1:
-    raise ValueError(f'{mask_prob=} must be in [0, 1].')
+    raise DataError(f'{mask_prob=} must be in [0, 1].')
   return 'mask' if rng.random() < mask_prob else 'gmask'
 
 
@@ -308,8 +310,8 @@ def sample_glm_objective_mix(rng: np.random.Generator,
   unknown = set(rates) - set(GLM_OBJECTIVES)
   p = np.array([float(rates.get(o, 0.0)) for o in GLM_OBJECTIVES])
   if unknown or (p < 0).any() or p.sum() <= 0:
-    raise ValueError(f'{rates=} must map some of {GLM_OBJECTIVES} to '
-                     'non-negative rates with a positive sum.')
+    raise DataError(f'{rates=} must map some of {GLM_OBJECTIVES} to '
+                    'non-negative rates with a positive sum.')
   return GLM_OBJECTIVES[int(rng.choice(len(p), p=p / p.sum()))]
 
 
@@ -321,10 +323,10 @@ def max_glm_length(length: int, objective: str,
   has >= 1 token and spans stop once M tokens are masked).
   """
   if objective not in GLM_OBJECTIVES:
-    raise ValueError(f'{objective=} is not one of {GLM_OBJECTIVES}.')
+    raise DataError(f'{objective=} is not one of {GLM_OBJECTIVES}.')
   if length < MIN_LENGTH:
-    raise ValueError(f'glm {objective}: L={length} is below the minimum '
-                     f'{MIN_LENGTH}.')
+    raise DataError(f'glm {objective}: L={length} is below the minimum '
+                    f'{MIN_LENGTH}.')
   if objective == 'gmask':
     return length + 2
   return length + 2 * num_masked_tokens(length, mask_ratio)
@@ -338,8 +340,8 @@ def max_glm_window(seq_len: int, objectives_used: Sequence[str] = ('mask',
     return all(max_glm_length(length, o, mask_ratio) <= seq_len
                for o in objectives_used)
   if seq_len < MIN_LENGTH or not fits(MIN_LENGTH):
-    raise ValueError(f'{seq_len=} cannot hold any GLM example of '
-                     f'{objectives_used}.')
+    raise DataError(f'{seq_len=} cannot hold any GLM example of '
+                    f'{objectives_used}.')
   low, high = MIN_LENGTH, seq_len                # fits(low) holds
   while low < high:
     mid = (low + high + 1) // 2

@@ -23,7 +23,9 @@ from typing import Sequence
 
 import numpy as np
 
+from glm.data.errors import DataError
 from glm.data import objectives
+
 
 TASKS = ('language_id', 'next_line', 'fill_blank')
 
@@ -130,14 +132,14 @@ def instruction_example(rng: np.random.Generator, docs: Sequence[Document],
                         max_len: int, task: str | None = None) -> dict:
   """One prompted example of at most max_len tokens (task random if None)."""
   if not docs:
-    raise ValueError('instruction examples need documents; the corpus split '
-                     'is empty.')
+    raise DataError('instruction examples need documents; the corpus split '
+                    'is empty.')
   has_code = any(d.lang == 'code' for d in docs)
   if task is None:
     choices = TASKS if has_code else ('language_id', 'fill_blank')
     task = choices[int(rng.integers(len(choices)))]
   if task not in _BUILDERS:
-    raise ValueError(f'instruction task {task!r} is not one of {TASKS}.')
+    raise DataError(f'instruction task {task!r} is not one of {TASKS}.')
   if task == 'next_line' and not has_code:
     task = 'language_id'
   max_chars = 4 * max_len
@@ -153,6 +155,6 @@ def instruction_example(rng: np.random.Generator, docs: Sequence[Document],
       if task != 'language_id':  # the shortest prompts; try them instead
         task, max_chars = 'language_id', 4 * max_len
         continue
-      raise ValueError(f'max_len={max_len} is too short for a prompted '
-                       f'{task} example; use a longer sequence.')
+      raise DataError(f'max_len={max_len} is too short for a prompted '
+                      f'{task} example; use a longer sequence.')
     max_chars //= 2

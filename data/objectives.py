@@ -35,6 +35,8 @@ from typing import Any
 
 import numpy as np
 
+from glm.data.errors import DataError
+
 Example = dict[str, Any]
 
 ARRAY_FIELDS = ('tokens', 'targets', 'loss_mask', 'position_ids',
@@ -71,11 +73,11 @@ class SpecialIds:
 
   def __post_init__(self):
     if len(self.sentinels) < MIN_SENTINELS:
-      raise ValueError(f'SpecialIds needs at least {MIN_SENTINELS} sentinels, '
-                       f'got {len(self.sentinels)}.')
+      raise DataError(f'SpecialIds needs at least {MIN_SENTINELS} sentinels, '
+                      f'got {len(self.sentinels)}.')
     ids = [getattr(self, f) for f in PIECE_NAMES] + list(self.sentinels)
     if len(set(ids)) != len(ids):
-      raise ValueError(f'SpecialIds must all differ; got {self}.')
+      raise DataError(f'SpecialIds must all differ; got {self}.')
 
   @classmethod
   def from_mapping(cls, special_ids: Mapping[str, int]) -> 'SpecialIds':
@@ -84,9 +86,9 @@ class SpecialIds:
     missing = [n for n in list(PIECE_NAMES.values()) + sentinel_names
                if n not in special_ids]
     if missing:
-      raise ValueError(f'special_ids lacks {missing[:3]} ({len(missing)} '
-                       'missing); train the tokenizer with '
-                       'tokenizer.train_tokenizer, which reserves them.')
+      raise DataError(f'special_ids lacks {missing[:3]} ({len(missing)} '
+                      'missing); train the tokenizer with '
+                      'tokenizer.train_tokenizer, which reserves them.')
     k = MIN_SENTINELS
     while f'<extra_id_{k}>' in special_ids:
       k += 1
@@ -104,17 +106,17 @@ def check_source(source, *, min_length: int, objective: str) -> np.ndarray:
   """`source` as a 1D int32 array of at least `min_length` tokens, or raises."""
   source = np.asarray(source)
   if source.ndim != 1:
-    raise ValueError(f'{objective}: the source must be 1D, got shape '
-                     f'{source.shape}.')
+    raise DataError(f'{objective}: the source must be 1D, got shape '
+                    f'{source.shape}.')
   if source.size == 0:
-    raise ValueError(f'{objective}: the source is empty; it needs at least '
-                     f'{min_length} tokens.')
+    raise DataError(f'{objective}: the source is empty; it needs at least '
+                    f'{min_length} tokens.')
   if source.size < min_length:
-    raise ValueError(f'{objective}: a source of L={source.size} tokens is too '
-                     f'short; it needs at least {min_length}.')
+    raise DataError(f'{objective}: a source of L={source.size} tokens is too '
+                    f'short; it needs at least {min_length}.')
   if source.dtype.kind not in 'iu':
-    raise ValueError(f'{objective}: the source must hold integer token ids, '
-                     f'got dtype {source.dtype}.')
+    raise DataError(f'{objective}: the source must hold integer token ids, '
+                    f'got dtype {source.dtype}.')
   return source.astype(np.int32, copy=False)
 
 

@@ -23,6 +23,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from glm.data.errors import DataError
+
 ARRAY_FIELDS = ('tokens', 'targets', 'loss_mask', 'position_ids',
                 'block_position_ids')
 ROW_FIELDS = ARRAY_FIELDS + ('segment_ids', 'prefix_mask')
@@ -37,8 +39,8 @@ def pack(examples: Sequence[dict], seq_len: int, *, pad_id: int = 0
   """Concatenates examples into one row of seq_len, padding the rest."""
   total = sum(example_length(e) for e in examples)
   if total > seq_len:
-    raise ValueError(f'examples of {total} tokens do not fit a row of '
-                     f'seq_len={seq_len}; pack fewer or shorter examples.')
+    raise DataError(f'examples of {total} tokens do not fit a row of '
+                    f'seq_len={seq_len}; pack fewer or shorter examples.')
   row = {
       'tokens': np.full(seq_len, pad_id, np.int32),
       'targets': np.full(seq_len, pad_id, np.int32),
@@ -73,8 +75,8 @@ def fill_row(next_example: Callable[[], dict], seq_len: int, *,
     ex = next_example()
     n = example_length(ex)
     if n > seq_len:
-      raise ValueError(f'an example of {n} tokens is longer than '
-                       f'seq_len={seq_len}; size windows to the sequence.')
+      raise DataError(f'an example of {n} tokens is longer than '
+                      f'seq_len={seq_len}; size windows to the sequence.')
     if used + n > seq_len:
       break
     taken.append(ex)

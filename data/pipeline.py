@@ -19,7 +19,7 @@ Rows, per task (each row draws its task from the mixture rates):
 
 Batch fields (all [B, T]): tokens, targets, loss_mask, segment_ids (0 = pad),
 position_ids, block_position_ids, prefix_mask. They are what
-`glm.transformer.Transformer` and `glm.losses.cross_entropy` read.
+`glm.model.transformer.Transformer` and `glm.training.losses` read.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from glm.data import corpus
+from glm.data.errors import DataError
 from glm.data import glm_objective
 from glm.data import instructions
 from glm.data import objectives
@@ -40,6 +41,7 @@ from glm.data import packing
 from glm.data import token_stream
 from glm.data import tokenizer as tokenizer_lib
 from glm.data import ul2_objective
+
 
 TASKS = ('causal_lm', 'glm_blank_infilling', 'ul2_mixture', 'instruction')
 GLM130B_RATES = {'mask': 0.3, 'gmask': 0.7}
@@ -63,14 +65,14 @@ class DataConfig:
     names = [n for n, _ in self.mixture]
     unknown = [n for n in names if n not in TASKS]
     if unknown or not names:
-      raise ValueError(f'mixture tasks {unknown or names} must be some of '
-                       f'{TASKS}.')
+      raise DataError(f'mixture tasks {unknown or names} must be some of '
+                      f'{TASKS}.')
     rates = np.array([r for _, r in self.mixture], float)
     if (rates < 0).any() or rates.sum() <= 0:
-      raise ValueError(f'mixture rates {dict(self.mixture)} must be '
-                       'non-negative with a positive sum.')
+      raise DataError(f'mixture rates {dict(self.mixture)} must be '
+                      'non-negative with a positive sum.')
     if self.pack_factor < 1:
-      raise ValueError(f'pack_factor={self.pack_factor} must be >= 1.')
+      raise DataError(f'pack_factor={self.pack_factor} must be >= 1.')
 
   @classmethod
   def for_task(cls, task: str, **kwargs) -> 'DataConfig':
@@ -98,9 +100,9 @@ class SplitData:
              ) -> tuple[np.ndarray, np.ndarray]:
     """A random window of `length` tokens and its sentence-end flags."""
     if len(self.stream) < length:
-      raise ValueError(f'the {self.split} split has {len(self.stream)} '
-                       f'tokens, fewer than one window of {length}; build a '
-                       'larger corpus or use a shorter SEQ_LEN.')
+      raise DataError(f'the {self.split} split has {len(self.stream)} '
+                      f'tokens, fewer than one window of {length}; build a '
+                      'larger corpus or use a shorter SEQ_LEN.')
     start = int(rng.integers(0, len(self.stream) - length + 1))
     return (self.stream[start:start + length],
             self.sentence_end[start:start + length])
@@ -205,7 +207,7 @@ class Pipeline:
     elif task == 'instruction':
       ex = self._instruction(rng)
     else:
-      raise ValueError(f'task {task!r} is not one of {TASKS}.')
+      raise DataError(f'task {task!r} is not one of {TASKS}.')
     ex['task'] = task
     return ex
 

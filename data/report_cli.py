@@ -21,18 +21,20 @@ import os
 
 from glm.data import corpus
 from glm.data import data_card
+from glm.data.errors import DataError
 from glm.data import fertility
 from glm.data import tokenizer as tokenizer_lib
+
 
 DEFAULT_DATA_DIR = '.cache/data'
 DEFAULT_VOCAB_SIZE = 4096
 
 
 class _Parser(argparse.ArgumentParser):
-  """An argument parser whose errors are one-line ValueErrors."""
+  """An argument parser whose errors are one-line DataErrors."""
 
   def error(self, message: str):
-    raise ValueError(f'glm data: {message}; see `glm data --help`.')
+    raise DataError(f'glm data: {message}; see `glm data --help`.')
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -61,12 +63,12 @@ def _parser() -> argparse.ArgumentParser:
 def _corpus_and_tokenizer(args: argparse.Namespace) -> tuple[str, str]:
   """Ensures D/corpus and the tokenizer; returns their paths."""
   if args.tokenizer is not None and not os.path.isfile(args.tokenizer):
-    raise ValueError(f'--tokenizer={args.tokenizer} is not a file; pass a '
-                     'SentencePiece .model or leave it out to build '
-                     f'{args.data_dir}/spm_{args.vocab_size}.model.')
+    raise DataError(f'--tokenizer={args.tokenizer} is not a file; pass a '
+                    'SentencePiece .model or leave it out to build '
+                    f'{args.data_dir}/spm_{args.vocab_size}.model.')
   if os.path.exists(args.data_dir) and not os.path.isdir(args.data_dir):
-    raise ValueError(f'--data_dir={args.data_dir} is not a directory; pass a '
-                     f'directory (default {DEFAULT_DATA_DIR}).')
+    raise DataError(f'--data_dir={args.data_dir} is not a directory; pass a '
+                    f'directory (default {DEFAULT_DATA_DIR}).')
   corpus_dir = os.path.join(args.data_dir, 'corpus')
   corpus.ensure_corpus(corpus_dir)
   model = args.tokenizer or tokenizer_lib.ensure_tokenizer(
@@ -80,8 +82,8 @@ def main(argv: Sequence[str]) -> int:
   parser = _parser()
   args = parser.parse_args(list(argv))
   if args.command is None:
-    raise ValueError('glm data: no command given; use `glm data card` or '
-                     '`glm data fertility`.')
+    raise DataError('glm data: no command given; use `glm data card` or '
+                    '`glm data fertility`.')
   corpus_dir, model = _corpus_and_tokenizer(args)
   if args.command == 'card':
     table = data_card.write_data_card(corpus_dir,

@@ -28,6 +28,8 @@ from collections.abc import Sequence
 import hashlib
 import math
 
+from glm.data.errors import DataError
+
 DEFAULT_ALPHA = 0.3
 DEFAULT_MAX_REPEAT = 4
 
@@ -36,11 +38,11 @@ def language_probabilities(sizes: dict[str, float],
                            alpha: float) -> dict[str, float]:
   """p_l proportional to sizes[l]**alpha, normalised (zero sizes get 0)."""
   if alpha < 0:
-    raise ValueError(f'{alpha=} must be >= 0 (1 keeps the natural mix).')
+    raise DataError(f'{alpha=} must be >= 0 (1 keeps the natural mix).')
   weights = {lang: (n**alpha if n > 0 else 0.0) for lang, n in sizes.items()}
   total = sum(weights.values())
   if total == 0:
-    raise ValueError(f'no language has any data: {sizes=}.')
+    raise DataError(f'no language has any data: {sizes=}.')
   return {lang: w / total for lang, w in sorted(weights.items())}
 
 
@@ -53,7 +55,7 @@ def target_sizes(sizes: dict[str, float], alpha: float,
   n**alpha, until no language is over its cap.
   """
   if max_repeat < 1:
-    raise ValueError(f'{max_repeat=} must be >= 1 (1 means downsample only).')
+    raise DataError(f'{max_repeat=} must be >= 1 (1 means downsample only).')
   remaining = {lang: n for lang, n in sizes.items() if n > 0}
   budget = float(sum(remaining.values()))
   targets = {lang: 0.0 for lang in sizes}

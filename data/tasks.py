@@ -24,14 +24,39 @@ block_position_ids and the scalar prefix_len.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import sys
 
 import numpy as np
-import seqio
-import tensorflow as tf
 
+
+@contextlib.contextmanager
+def _native_stderr_silenced():
+  """TensorFlow's native libraries print start-up lines (oneDNN, CUDA
+  drivers, absl's pre-init warning) straight to file descriptor 2 while they
+  load, before any Python or absl logging can filter them; point fd 2 at
+  /dev/null for the import only. Python exceptions still propagate."""
+  sys.stderr.flush()
+  saved = os.dup(2)
+  devnull = os.open(os.devnull, os.O_WRONLY)
+  try:
+    os.dup2(devnull, 2)
+    yield
+  finally:
+    os.dup2(saved, 2)
+    os.close(saved)
+    os.close(devnull)
+
+
+with _native_stderr_silenced():
+  import seqio  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+from glm.data.errors import DataError
 from glm.data import pipeline
+
 
 # Where the corpus and tokenizer live (built on first use); override with
 # the GLM_DATA_DIR environment variable.
@@ -87,7 +112,7 @@ class _LazyVocabulary(seqio.SentencePieceVocabulary):
 def _indices(split: str, shuffle_files: bool, seed=None) -> tf.data.Dataset:
   del shuffle_files, seed  # examples are a function of their index
   if split not in _SPLITS:
-    raise ValueError(f'split {split!r} is not one of {sorted(_SPLITS)}.')
+    raise DataError(f'split {split!r} is not one of {sorted(_SPLITS)}.')
   return tf.data.Dataset.range(2 ** 62).map(lambda i: {'index': i})
 
 

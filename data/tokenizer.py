@@ -35,6 +35,7 @@ import tempfile
 import sentencepiece as spm
 
 from glm.data import corpus
+from glm.data.errors import DataError
 
 # Bump whenever training would produce a different model for the same inputs.
 TOKENIZER_RECIPE = 'glm-spm-bpe-v1'
@@ -51,7 +52,7 @@ _MAX_SENTENCE_BYTES = 8192
 def sentinel(index: int) -> str:
   """The text of sentinel `index`: '<extra_id_{index}>'."""
   if not 0 <= index < NUM_SENTINELS:
-    raise ValueError(f'sentinel {index=} is outside [0, {NUM_SENTINELS}).')
+    raise DataError(f'sentinel {index=} is outside [0, {NUM_SENTINELS}).')
   return f'<extra_id_{index}>'
 
 
@@ -154,15 +155,15 @@ def train_tokenizer(corpus_dir: str, out_prefix: str, *,
   """
   reserved = 3 + len(user_defined_symbols()) + 256
   if vocab_size <= reserved:
-    raise ValueError(
+    raise DataError(
         f'{vocab_size=} must exceed the {reserved} reserved pieces '
         '(specials, sentinels, 256 bytes) plus the alphabet; use a larger '
         'vocab_size (default 4096).')
   sidecar = _expected_sidecar(corpus_dir, vocab_size, seed)
   sentences = _training_sentences(corpus_dir)
   if not sentences:
-    raise ValueError(f'corpus {corpus_dir} has no training text; rebuild it '
-                     'with corpus.build_corpus.')
+    raise DataError(f'corpus {corpus_dir} has no training text; rebuild it '
+                    'with corpus.build_corpus.')
   out_prefix = os.path.abspath(out_prefix)
   os.makedirs(os.path.dirname(out_prefix), exist_ok=True)
   buffer = io.BytesIO()
@@ -175,7 +176,7 @@ def train_tokenizer(corpus_dir: str, out_prefix: str, *,
     needed = re.search(r'smaller than required_chars\. \d+ vs (\d+)', str(e))
     if not needed:
       raise
-    raise ValueError(
+    raise DataError(
         f'tokenizer {vocab_size=} is too small for the alphabet of corpus '
         f'{corpus_dir}: it needs more than {needed.group(1)} pieces; use a '
         'larger vocab_size (default 4096).') from None
@@ -227,7 +228,7 @@ class Tokenizer:
     self.model_path = model_path
     self._sp = spm.SentencePieceProcessor(model_file=model_path)
     if (self._sp.pad_id(), self._sp.eos_id()) != (PAD_ID, EOS_ID):
-      raise ValueError(
+      raise DataError(
           f'{model_path} has pad_id={self._sp.pad_id()}, '
           f'eos_id={self._sp.eos_id()}; expected {PAD_ID}, {EOS_ID}: retrain '
           'it with tokenizer.train_tokenizer.')
@@ -236,8 +237,8 @@ class Tokenizer:
     missing = [n for n, i in self.special_ids.items()
                if i == UNK_ID and n != '<unk>']
     if missing:
-      raise ValueError(f'{model_path} lacks the special pieces {missing[:3]} '
-                       '...; retrain it with tokenizer.train_tokenizer.')
+      raise DataError(f'{model_path} lacks the special pieces {missing[:3]} '
+                      '...; retrain it with tokenizer.train_tokenizer.')
 
   @property
   def vocab_size(self) -> int:

@@ -36,7 +36,9 @@ import dataclasses
 
 import numpy as np
 
+from glm.data.errors import DataError
 from glm.data import objectives
+
 
 MIN_LENGTH = 2
 _PARADIGM_FIELDS = {'[NLU]': 'nlu', '[NLG]': 'nlg', '[S2S]': 's2s'}
@@ -106,16 +108,16 @@ def sample_denoiser(rng: np.random.Generator,
   elif isinstance(rates, Mapping):
     unknown = set(rates) - set(DENOISERS_BY_NAME)
     if unknown:
-      raise ValueError(f'unknown denoisers {sorted(unknown)}; the names are '
-                       f'{list(DENOISERS_BY_NAME)}.')
+      raise DataError(f'unknown denoisers {sorted(unknown)}; the names are '
+                      f'{list(DENOISERS_BY_NAME)}.')
     p = np.array([float(rates.get(d.name, 0.0)) for d in DENOISERS])
   else:
     p = np.asarray(rates, dtype=np.float64)
     if p.shape != (len(DENOISERS),):
-      raise ValueError(f'rates has shape {p.shape}; give one rate per '
-                       f'denoiser ({len(DENOISERS)}) or a name -> rate map.')
+      raise DataError(f'rates has shape {p.shape}; give one rate per '
+                      f'denoiser ({len(DENOISERS)}) or a name -> rate map.')
   if (p < 0).any() or p.sum() <= 0:
-    raise ValueError(f'{rates=} must be non-negative with a positive sum.')
+    raise DataError(f'{rates=} must be non-negative with a positive sum.')
   return DENOISERS[int(rng.choice(len(p), p=p / p.sum()))]
 
 
@@ -127,11 +129,11 @@ def noise_span_counts(length: int, noise_density: float,
   1), clipped to the non-noise count so every part can be non-empty.
   """
   if length < MIN_LENGTH:
-    raise ValueError(f'span corruption: L={length} is below the minimum '
-                     f'{MIN_LENGTH}.')
+    raise DataError(f'span corruption: L={length} is below the minimum '
+                    f'{MIN_LENGTH}.')
   if not 0 < noise_density < 1 or mean_span <= 0:
-    raise ValueError(f'{noise_density=} must be in (0, 1) and {mean_span=} '
-                     '> 0.')
+    raise DataError(f'{noise_density=} must be in (0, 1) and {mean_span=} '
+                    '> 0.')
   num_noise = int(min(max(np.round(length * noise_density), 1), length - 1))
   num_spans = max(int(np.round(num_noise / mean_span)), 1)
   return num_noise, min(num_spans, num_noise, length - num_noise)
@@ -163,8 +165,8 @@ def random_spans_noise_mask(length: int, noise_density: float,
 def _resolve(denoiser: Denoiser | str) -> Denoiser:
   if isinstance(denoiser, str):
     if denoiser not in DENOISERS_BY_NAME:
-      raise ValueError(f'unknown denoiser {denoiser!r}; the names are '
-                       f'{list(DENOISERS_BY_NAME)}.')
+      raise DataError(f'unknown denoiser {denoiser!r}; the names are '
+                      f'{list(DENOISERS_BY_NAME)}.')
     return DENOISERS_BY_NAME[denoiser]
   return denoiser
 
@@ -196,7 +198,7 @@ def ul2_example(source, special: objectives.SpecialIds,
     _, num_spans = noise_span_counts(source.size, denoiser.noise_density,
                                      denoiser.mean_span)
     if num_spans > len(special.sentinels):
-      raise ValueError(
+      raise DataError(
           f'{denoiser.name} on L={source.size} makes {num_spans} spans but '
           f'there are {len(special.sentinels)} sentinels; use a shorter '
           'window (see max_ul2_window).')
@@ -230,7 +232,7 @@ def reconstruct_source(example: objectives.Example,
   seq = np.concatenate([example['tokens'], example['targets'][-1:]])
   inputs, targets = seq[1:example['prefix_len']], seq[example['prefix_len']:]
   if targets[-1] != special.eos:
-    raise ValueError('the targets do not end in eos.')
+    raise DataError('the targets do not end in eos.')
   targets = targets[:-1]
   if example['objective'] == 'ul2_s':
     return np.concatenate([inputs, targets]).astype(np.int32)
@@ -241,8 +243,8 @@ def reconstruct_source(example: objectives.Example,
   if (tgt_pos.size != k or (k and tgt_pos[0] != 0)
       or not np.array_equal(inputs[in_pos], sentinels[:k])
       or not np.array_equal(targets[tgt_pos], sentinels[:k])):
-    raise ValueError('the sentinels of inputs and targets do not match '
-                     '(<extra_id_0>, <extra_id_1>, ... in order).')
+    raise DataError('the sentinels of inputs and targets do not match '
+                    '(<extra_id_0>, <extra_id_1>, ... in order).')
   bounds = np.append(tgt_pos, targets.size)
   pieces, prev = [], 0
   for j, pos in enumerate(in_pos):
@@ -260,8 +262,8 @@ def ul2_length(length: int, denoiser: Denoiser | str) -> int:
   """
   denoiser = _resolve(denoiser)
   if length < MIN_LENGTH:
-    raise ValueError(f'ul2 {denoiser.name}: L={length} is below the minimum '
-                     f'{MIN_LENGTH}.')
+    raise DataError(f'ul2 {denoiser.name}: L={length} is below the minimum '
+                    f'{MIN_LENGTH}.')
   if denoiser.kind == 's':
     return length + 1
   _, num_spans = noise_span_counts(length, denoiser.noise_density,
@@ -284,7 +286,7 @@ def max_ul2_window(seq_len: int, denoisers: Sequence[Denoiser] = DENOISERS,
             length, d.noise_density, d.mean_span)[1] <= num_sentinels)
                for d in denoisers)
   if seq_len < MIN_LENGTH or not fits(MIN_LENGTH):
-    raise ValueError(f'{seq_len=} cannot hold any UL2 example.')
+    raise DataError(f'{seq_len=} cannot hold any UL2 example.')
   low, high = MIN_LENGTH, seq_len                # fits(low); fits is monotone
   while low < high:
     mid = (low + high + 1) // 2

@@ -17,6 +17,7 @@ from glm.data import fertility
 from glm.data import redact
 from glm.data import report_cli
 from glm.data import sampling
+from glm.data import sources
 from glm.data import tokenizer
 
 # ---------------------------------------------------------------------------
@@ -356,7 +357,7 @@ def test_few_man_languages_warn_with_packages(tree, tmp_path, monkeypatch):
   english_only = str(tmp_path / 'man')
   _write(os.path.join(english_only, 'man1', 'a.1.gz'),
          '.TH A 1\n.SH NAME\na \\- a tool that does one thing well\n')
-  monkeypatch.setattr(corpus, 'DEFAULT_MAN_ROOT', english_only)
+  monkeypatch.setattr(sources, 'DEFAULT_MAN_ROOT', english_only)
   with pytest.warns(UserWarning, match='manpages-ru .*manpages-ja'):
     corpus.build_corpus(str(tmp_path / 'c'),
                         stdlib_root=tree['stdlib_root'])

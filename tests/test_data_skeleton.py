@@ -12,10 +12,12 @@ import textwrap
 import numpy as np
 import pytest
 
-from glm.data import token_stream
 from glm.data import corpus
+from glm.data import errors
+from glm.data import token_stream
 from glm.data import tokenizer
 from glm.data import troff
+
 
 # ---------------------------------------------------------------------------
 # troff stripper.
@@ -286,7 +288,7 @@ def test_missing_sources_warn_then_fail(sources, tmp_path):
   with pytest.warns(UserWarning, match='apt-get install man-db'):
     corpus.build_corpus(str(tmp_path / 'a'), man_root=missing,
                         stdlib_root=sources['stdlib_root'])
-  with pytest.warns(UserWarning), pytest.raises(FileNotFoundError,
+  with pytest.warns(UserWarning), pytest.raises(errors.DataError,
                                                 match='no source text'):
     corpus.build_corpus(str(tmp_path / 'b'), man_root=missing,
                         stdlib_root=missing)
