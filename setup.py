@@ -7,7 +7,8 @@ the top level of site-packages.
 
 import setuptools
 
-# The working set that installs together on Python 3.11 (DESIGN.md section 8).
+# The working set that installs together on Python 3.11 (pins checked with
+# `pip check`).
 INSTALL_REQUIRES = [
     'jax==0.10.2',
     'jaxlib==0.10.2',
@@ -42,7 +43,8 @@ setuptools.setup(
     description=('BLOOM, GLM-130B and UL2-style language models in JAX/Flax: '
                  'training, sharding, Pallas kernels and HF interop.'),
     python_requires='>=3.11',
-    packages=['glm', 'glm.data', 'glm.pallas_kernels'],
+    packages=[*setuptools.find_packages(include=['glm', 'glm.*']),
+              'glm.data', 'glm.pallas_kernels'],
     package_dir={
         'glm': 'glm',
         'glm.data': 'data',

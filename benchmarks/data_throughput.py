@@ -23,12 +23,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from glm import gin_config
-from glm import optimizers
-from glm import train as train_lib
-from glm import transformer
-from glm.config import ModelConfig
 from glm.data import pipeline
+from glm import gin_config
+from glm.model.config import ModelConfig
+from glm.model import transformer
+from glm.training import loop
+from glm.training import optimizers
+from glm.training import state as state_lib
+from glm.training import step as step_lib
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,9 +43,8 @@ def training_tokens_per_s(batch: dict, steps: int) -> float:
   opt = optimizers.make_optimizer(optimizers.OptimizerConfig(),
                                  np.full(100, 1e-3, np.float32))
   params = transformer.init_params(cfg, jax.random.PRNGKey(0))
-  state = {'params': params, 'opt_state': opt.init(params),
-           'loss_ema': jnp.float32(0), 'bad_steps': jnp.int32(0)}
-  step, _ = train_lib.make_train_step(cfg, opt)
+  state = state_lib.new_state(params, opt)
+  step, _ = step_lib.make_train_step(cfg, opt)
   batch = {k: jnp.asarray(v)[None] for k, v in batch.items()}  # [1, B, T]
   state, m = step(state, batch)  # compile
   m['loss'].block_until_ready()

@@ -11,7 +11,7 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results')
 
 
 def yardstick_parser(doc: str, out_name: str) -> argparse.ArgumentParser:
-  """Flags of DESIGN.md's yardstick BLOOM (vocab 8192, hidden 256, 4 layers,
+  """Flags of the project's yardstick BLOOM (vocab 8192, hidden 256, 4 layers,
   8 heads, batch 8 x 256) and --out (default results/<out_name>)."""
   p = argparse.ArgumentParser(description=doc.splitlines()[0])
   p.add_argument('--vocab', type=int, default=8192)

@@ -8,7 +8,7 @@ measured in the same process.
 
   .venv/bin/python benchmarks/score_throughput.py [--hidden 256 --layers 4 ...]
 
-Defaults follow DESIGN.md's yardstick shape: vocab 8192, hidden 256, 4 layers,
+Defaults are the project's yardstick shape: vocab 8192, hidden 256, 4 layers,
 8 heads, batch 8 x 256.
 """
 
@@ -24,10 +24,11 @@ import numpy as np
 import torch
 import transformers
 
-from glm import hf_bloom
-from glm import model_info
-from glm import scoring
-from glm import train as train_lib
+from glm.hf import bloom as hf_bloom
+from glm.inference import scoring
+from glm.model import info as model_info
+from glm.training import loop
+
 
 import report  # benchmarks/report.py, next to this script
 
@@ -75,7 +76,7 @@ def main() -> None:
 
   diff = float(np.abs(np.asarray(glm_lp()) - hf_lp().numpy()).max())
   flops = model_info.info(cfg, args.seq_len)['forward_flops_per_token']
-  ceiling = train_lib.measure_peak_flops('float32')
+  ceiling = loop.measure_peak_flops('float32')
   rows = {
       'glm_tokens_per_s': n_tokens / t_glm,
       'hf_tokens_per_s': n_tokens / t_hf,

@@ -5,11 +5,11 @@ glm's hf_bloom, so both start from the same weights) on the same batch of
 random tokens, in float32 on the CPU, in one process, with the same AdamW
 (betas, eps, weight decay on matrices only, global-norm clip 1.0, the same
 warmup + cosine learning-rate table). glm runs its real jitted step
-(`glm.train.make_train_step` with `glm.optimizers.make_optimizer`);
+(`glm.training.step.make_train_step` with `glm.training.optimizers.make_optimizer`);
 transformers runs `BloomForCausalLM` with `torch.optim.AdamW`.
 
 Prints a table and writes JSON with tokens/s of each, their ratio, glm's
-achieved FLOP/s (`glm.model_info` training FLOPs) as a fraction of an fp32
+achieved FLOP/s (`glm.model.info` training FLOPs) as a fraction of an fp32
 matmul ceiling measured in the same process, the first-step losses of both
 (they agree to ~1e-5 since the weights are identical), glm's compile time,
 and the compile time + first step of the default run
@@ -17,7 +17,7 @@ and the compile time + first step of the default run
 
   .venv/bin/python benchmarks/train_throughput.py [--hidden 256 --layers 4 ...]
 
-Defaults follow DESIGN.md's yardstick shape: vocab 8192, hidden 256, 4 layers,
+Defaults are the project's yardstick shape: vocab 8192, hidden 256, 4 layers,
 8 heads, batch 8 x 256. Goals: glm >= 1.5x transformers, >= 60% of the
 ceiling. Takes about a minute on 2 CPU cores.
 """
@@ -37,12 +37,15 @@ import torch
 import transformers
 
 from glm import gin_config
-from glm import hf_bloom
-from glm import model_info
-from glm import optimizers
-from glm import train as train_lib
-from glm import transformer
-from glm.config import ModelConfig
+from glm.hf import bloom as hf_bloom
+from glm.model.config import ModelConfig
+from glm.model import info as model_info
+from glm.model import transformer
+from glm.training import loop
+from glm.training import optimizers
+from glm.training import state as state_lib
+from glm.training import step as step_lib
+
 
 import report  # benchmarks/report.py, next to this script
 
@@ -76,9 +79,8 @@ def glm_trainer(cfg: ModelConfig, params, batch):
   NaN guards included.
   """
   opt = optimizers.make_optimizer(OPT, lr_table(batch['tokens'].size))
-  step_fn, _ = train_lib.make_train_step(cfg, opt)
-  state = {'params': params, 'opt_state': opt.init(params),
-           'loss_ema': jnp.float32(0), 'bad_steps': jnp.int32(0)}
+  step_fn, _ = step_lib.make_train_step(cfg, opt)
+  state = state_lib.new_state(params, opt)
   batch = jax.tree.map(lambda x: x[None], batch)  # [B, T] -> [A=1, B, T]
   box = [state]
 
@@ -183,7 +185,7 @@ def main() -> None:
   t_hf = time_steps(hf_step, args.steps, lambda loss: loss.item())
 
   flops = model_info.info(cfg, args.seq_len)['flops_per_token'] * n_tokens
-  ceiling = train_lib.measure_peak_flops('float32')
+  ceiling = loop.measure_peak_flops('float32')
   rows = {
       'glm_tokens_per_s': n_tokens / t_glm,
       'hf_tokens_per_s': n_tokens / t_hf,

@@ -16,8 +16,13 @@
   glm data card | fertility [--data_dir D]
 
 Errors in the input (a bad gin binding, a missing file, a token outside the
-vocab, ...) print one line `glm <cmd>: error: ...` and exit with status 2,
-leaving no partial output. Set GLM_DEBUG=1 for the full traceback.
+vocab, ...) are `glm.errors.UserError`s: they print one line `glm <cmd>:
+error: ...` and exit with status 2, leaving no partial output (GLM_DEBUG=1
+shows their traceback too). Any other exception is a bug and shows its
+traceback.
+
+Each command imports what it needs when it runs, so that `glm --help` and
+`glm info` start without loading the trainer, orbax or TensorFlow.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ import os
 import re
 import sys
 from typing import Sequence
+
+from glm.errors import UserError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -131,9 +138,9 @@ def _cmd_data(args, bindings) -> None:
     return
   from glm.data import pipeline  # pylint: disable=g-import-not-at-top
   if args.task not in pipeline.TASKS:
-    raise ValueError(f'--task {args.task!r} is not one of {pipeline.TASKS}.')
+    raise UserError(f'--task {args.task!r} is not one of {pipeline.TASKS}.')
   if args.n < 1 or args.seq_len < 16:
-    raise ValueError(f'--n={args.n} must be >= 1 and --seq_len='
+    raise UserError(f'--n={args.n} must be >= 1 and --seq_len='
                      f'{args.seq_len} >= 16.')
   split = pipeline.open_split(os.path.abspath(args.data_dir), args.split,
                               seed=0)
@@ -147,17 +154,17 @@ def _cmd_data(args, bindings) -> None:
 
 def _cmd_info(args, bindings) -> None:
   from glm import gin_config  # pylint: disable=g-import-not-at-top
-  from glm import model_info  # pylint: disable=g-import-not-at-top
-  from glm.config import ModelConfig  # pylint: disable=g-import-not-at-top
+  from glm.model import info as model_info  # pylint: disable=g-import-not-at-top
+  from glm.model.config import ModelConfig  # pylint: disable=g-import-not-at-top
   gin_config.parse(args.gin_file, bindings)
   print(json.dumps(model_info.info(ModelConfig(), args.seq_len)))
 
 
 def _cmd_plan(args, bindings) -> None:
   from glm import gin_config  # pylint: disable=g-import-not-at-top
-  from glm import mesh  # pylint: disable=g-import-not-at-top
-  from glm import plan  # pylint: disable=g-import-not-at-top
-  from glm.config import ModelConfig  # pylint: disable=g-import-not-at-top
+  from glm.parallel import mesh  # pylint: disable=g-import-not-at-top
+  from glm.parallel import plan  # pylint: disable=g-import-not-at-top
+  from glm.model.config import ModelConfig  # pylint: disable=g-import-not-at-top
   gin_config.parse(args.gin_file, bindings)
   overrides = {'zero1': True} if args.zero1 else {}
   if args.microbatches is not None:
@@ -188,31 +195,31 @@ def _cmd_train(args, bindings) -> None:
   multi = (args.coordinator_address, args.num_processes, args.process_id)
   if any(v is not None for v in multi):
     if any(v is None for v in multi):
-      raise ValueError('--coordinator_address, --num_processes and '
+      raise UserError('--coordinator_address, --num_processes and '
                        '--process_id go together; give all three.')
     import jax  # pylint: disable=g-import-not-at-top
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
     jax.distributed.initialize(args.coordinator_address, args.num_processes,
                                args.process_id)
   from glm import gin_config  # pylint: disable=g-import-not-at-top
-  from glm import mesh  # pylint: disable=g-import-not-at-top
-  from glm import train  # pylint: disable=g-import-not-at-top
+  from glm.parallel import mesh  # pylint: disable=g-import-not-at-top
+  from glm.training import loop  # pylint: disable=g-import-not-at-top
   if args.mesh is not None:
     sizes = mesh.MeshConfig.parse(args.mesh).shape
     bindings = [*bindings, 'train.mesh = @MeshConfig()',
                 *(f'MeshConfig.{a} = {n}' for a, n in sizes.items())]
   gin_config.parse(args.gin_file, bindings)
-  train.train(workdir=args.workdir)
+  loop.train(workdir=args.workdir)
 
 
 def _cmd_launch_local(args, bindings) -> None:
   del bindings
-  from glm import launch  # pylint: disable=g-import-not-at-top
+  from glm.parallel import launch  # pylint: disable=g-import-not-at-top
   train_args = args.train_args
   if train_args[:1] == ['--']:
     train_args = train_args[1:]
   if not train_args:
-    raise ValueError('give the train arguments after --, as in glm '
+    raise UserError('give the train arguments after --, as in glm '
                      'launch-local --num_processes 2 -- --gin_file F '
                      '--workdir W.')
   launch.launch_local(args.num_processes, train_args,
@@ -221,8 +228,8 @@ def _cmd_launch_local(args, bindings) -> None:
 
 def _cmd_convert(args, bindings) -> None:
   del bindings
-  from glm import checkpoint  # pylint: disable=g-import-not-at-top
-  from glm import hf_bloom  # pylint: disable=g-import-not-at-top
+  from glm.hf import bloom as hf_bloom  # pylint: disable=g-import-not-at-top
+  from glm.model import checkpoint  # pylint: disable=g-import-not-at-top
   if args.direction == 'hf-to-glm':
     if not os.path.isdir(args.hf_dir):
       raise hf_bloom.HFConversionError(
@@ -248,9 +255,9 @@ def _cmd_convert(args, bindings) -> None:
 
 def _cmd_score(args, bindings) -> None:
   del bindings
-  from glm import scoring  # pylint: disable=g-import-not-at-top
+  from glm.inference import scoring  # pylint: disable=g-import-not-at-top
   if args.batch_size < 1:
-    raise ValueError(f'--batch_size={args.batch_size} must be >= 1.')
+    raise UserError(f'--batch_size={args.batch_size} must be >= 1.')
   scoring.run(args.checkpoint, args.input, args.output,
               batch_size=args.batch_size)
 
@@ -282,7 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               args.command, lambda: args.command)()
   try:
     _COMMANDS[args.command](args, bindings)
-  except (ValueError, FileNotFoundError) as e:
+  except UserError as e:
     if os.environ.get('GLM_DEBUG'):
       raise
     msg = ' '.join(str(e).split())

@@ -14,22 +14,24 @@ from typing import Sequence
 
 import gin
 
+from glm.data import pipeline as _pipeline
+from glm.errors import UserError
 # Importing these registers their configurables (ModelConfig, train, ...):
 # every module that gin may bind is listed here, nowhere else.
-from glm import config as _config  # noqa: F401
-from glm import train as _train  # noqa: F401
-from glm import mesh as _mesh
-from glm import optimizers as _optimizers
-from glm.data import pipeline as _pipeline
+from glm.model import config as _config  # noqa: F401
+from glm.parallel import mesh as _mesh
+from glm.training import loop as _loop  # noqa: F401
+from glm.training import optimizers as _optimizers
+from glm.training import step as _step
 
 gin.external_configurable(_pipeline.DataConfig, 'DataConfig')
 gin.external_configurable(_optimizers.OptimizerConfig, 'OptimizerConfig')
 gin.external_configurable(_optimizers.BatchRamp, 'BatchRamp')
-gin.external_configurable(_train.FailurePolicy, 'FailurePolicy')
+gin.external_configurable(_step.FailurePolicy, 'FailurePolicy')
 gin.external_configurable(_mesh.MeshConfig, 'MeshConfig')
 
 
-class GinError(ValueError):
+class GinError(UserError):
   """A gin file or binding that cannot be applied, with the fix."""
 
 

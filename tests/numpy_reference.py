@@ -1,6 +1,7 @@
 """A plain NumPy (float64) forward pass of the glm Transformer, for tests.
 
-Written from DESIGN.md sections 3 and 4, not from the glm modules, so that the
+Written from the published formulas of BLOOM, GLM-130B and T5/UL2 (ALiBi,
+DeepNorm, GeGLU, RoPE, GLM's masks), not from the glm modules, so that the
 parity tests in `test_model_reference.py` catch wiring mistakes in glm. It is
 deliberately slow and explicit: one loop over layers, dense [B, H, T, S]
 scores, no fused anything.
@@ -9,15 +10,15 @@ Letters: B batch, T query length, S key length, E embed, H heads, D head dim,
 F mlp width, V padded vocabulary.
 
 Entry points:
-  alibi_slopes_reference(n)         -> [n] float64 slopes (DESIGN.md, BLOOM).
+  alibi_slopes_reference(n)         -> [n] float64 slopes (BLOOM's rule).
   random_params_like(shapes, seed)  -> large random float32 params.
   default_position_ids_reference(.) -> [B, T] positions restarting per segment.
   attention_mask_reference(.)       -> [B, T, S] bool visibility.
   forward(cfg, params, batch)       -> [B, T, V] float64 logits.
 
 `params` is the *unscanned* tree (`layers_0`, `layers_1`, ...); pass scanned
-params through `glm.transformer.unstack_layers` first. `cfg` is a
-`glm.config.ModelConfig` (only its plain fields are read).
+params through `glm.model.transformer.unstack_layers` first. `cfg` is a
+`glm.model.config.ModelConfig` (only its plain fields are read).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ F32_MIN = float(np.finfo(np.float32).min)
 
 
 def alibi_slopes_reference(n: int) -> np.ndarray:
-  """ALiBi slopes for n heads, straight from DESIGN.md section 3 (BLOOM).
+  """ALiBi slopes for n heads, BLOOM / Megatron-DeepSpeed's rule.
 
   Power of two n: start = 2^(-8/n), slope_i = start^i, i = 1..n. Otherwise,
   c = 2^floor(log2 n): the c power-of-two slopes for c, then
@@ -87,7 +88,7 @@ def _prefix_flags(batch: Mapping[str, Any], b: int, t: int) -> np.ndarray:
 def attention_mask_reference(batch: Mapping[str, Any]) -> np.ndarray:
   """[B, T, S] bool: may query i attend key j.
 
-  DESIGN.md section 4: causal (tril), then the prefix columns made visible
+  GLM's rule: causal (tril), then the prefix columns made visible
   (GLM: Part A bidirectional, Part B sees all of A and itself causally);
   packed sequences are block-diagonal. Padding (segment 0) is treated as its
   own block so its rows stay finite; real tokens never see it.

@@ -3,7 +3,7 @@
   JAX_NUM_CPU_DEVICES=8 python tests/parallel_worker.py OUT_DIR
 
 Writes OUT_DIR/<family>/<layout>.npz with the losses and gradient norms of a
-few real train steps (glm.train.make_train_step, sharded) and the gradients of
+few real train steps (glm.training.step.make_train_step, sharded) and the gradients of
 the first batch, for one device (`single`) and each layout; plus
 OUT_DIR/restore.npz (a checkpoint saved on one mesh, restored on others) and
 OUT_DIR/hlo.json (shapes in the compiled tensor-parallel step). Run by
@@ -28,12 +28,14 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from glm import mesh as mesh_lib
-from glm import losses
-from glm import optimizers
-from glm import train as train_lib
-from glm import transformer
-from glm.config import ModelConfig
+from glm.model.config import ModelConfig
+from glm.model import transformer
+from glm.parallel import mesh as mesh_lib
+from glm.training import losses
+from glm.training import optimizers
+from glm.training import state as state_lib
+from glm.training import step as step_lib
+
 
 STEPS = 3
 BATCH, LENGTH = 8, 16
@@ -116,9 +118,7 @@ def optimizer():
 
 
 def init_state(cfg, opt):
-  params = transformer.init_params(cfg, jax.random.PRNGKey(0))
-  return {'params': params, 'opt_state': opt.init(params),
-          'loss_ema': jnp.float32(0), 'bad_steps': jnp.int32(0)}
+  return state_lib.init_state(cfg, opt, seed=0)
 
 
 def loss_fn(model):
@@ -139,7 +139,7 @@ def run(cfg: ModelConfig, batches, layout: str | None) -> dict:
   opt = optimizer()
   state = init_state(cfg, opt)
   if layout is None:
-    step, _ = train_lib.make_train_step(cfg, opt)
+    step, _ = step_lib.make_train_step(cfg, opt)
     grads = jax.jit(jax.grad(loss_fn(transformer.Transformer(cfg))))(
         state['params'], {k: v[0] for k, v in batches[0].items()})
   else:
@@ -147,10 +147,10 @@ def run(cfg: ModelConfig, batches, layout: str | None) -> dict:
     mc = mesh_lib.MeshConfig.parse(text, **extra)
     mesh_lib.validate(mc, cfg, micro_batch=BATCH)
     mesh = mesh_lib.make_mesh(mc, jax.devices()[:mc.num_devices])
-    step, _ = train_lib.make_train_step(cfg, opt, mesh_cfg=mc, mesh=mesh)
-    state = jax.device_put(state, mesh_lib.state_shardings(state, cfg, mc,
+    step, _ = step_lib.make_train_step(cfg, opt, mesh_cfg=mc, mesh=mesh)
+    state = jax.device_put(state, state_lib.state_shardings(state, cfg, mc,
                                                            mesh))
-    model = transformer.Transformer(cfg, mc, mesh)
+    model = step_lib.make_model(cfg, mc, mesh)
     first = {k: v[0] for k, v in batches[0].items()}
     first = jax.device_put(first, mesh_lib.batch_shardings(first, mesh,
                                                            leading=0))
@@ -180,8 +180,8 @@ def restore_across_meshes(cfg: ModelConfig, out_dir: str) -> None:
   mc = mesh_lib.MeshConfig.parse('data=2,tensor=2,pipeline=2',
                                  microbatches=2)
   mesh = mesh_lib.make_mesh(mc)
-  step, _ = train_lib.make_train_step(cfg, opt, mesh_cfg=mc, mesh=mesh)
-  state = jax.device_put(state, mesh_lib.state_shardings(state, cfg, mc, mesh))
+  step, _ = step_lib.make_train_step(cfg, opt, mesh_cfg=mc, mesh=mesh)
+  state = jax.device_put(state, state_lib.state_shardings(state, cfg, mc, mesh))
   state, _ = step(state, jax.device_put(
       batches[0], mesh_lib.batch_shardings(batches[0], mesh)))
   result = {'saved' + k: v for k, v in flat(state).items()}
@@ -194,7 +194,7 @@ def restore_across_meshes(cfg: ModelConfig, out_dir: str) -> None:
                'single': mesh_lib.MeshConfig()}
     for name, mc2 in targets.items():
       mesh2 = mesh_lib.make_mesh(mc2, jax.devices()[:mc2.num_devices])
-      shardings = mesh_lib.state_shardings(state, cfg, mc2, mesh2)
+      shardings = state_lib.state_shardings(state, cfg, mc2, mesh2)
       abstract = jax.tree.map(
           lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
           state, shardings)
@@ -212,12 +212,12 @@ def tensor_parallel_shapes(cfg: ModelConfig) -> dict:
   state = init_state(cfg, opt)
   mc = mesh_lib.MeshConfig.parse('tensor=8')
   mesh = mesh_lib.make_mesh(mc)
-  step, _ = train_lib.make_train_step(cfg, opt, mesh_cfg=mc, mesh=mesh)
-  state = jax.device_put(state, mesh_lib.state_shardings(state, cfg, mc, mesh))
+  step, _ = step_lib.make_train_step(cfg, opt, mesh_cfg=mc, mesh=mesh)
+  state = jax.device_put(state, state_lib.state_shardings(state, cfg, mc, mesh))
   b = make_batches('bloom', 1)[0]
   b = jax.device_put(b, mesh_lib.batch_shardings(b, mesh))
   text = step.lower(state, b).compile().as_text()
-  single, _ = train_lib.make_train_step(cfg, opt)
+  single, _ = step_lib.make_train_step(cfg, opt)
   state = init_state(cfg, opt)
   b = make_batches('bloom', 1)[0]
   return {'hlo': text, 'single_hlo': single.lower(state, b).compile().as_text(),

@@ -11,8 +11,9 @@ import gin
 import pytest
 
 from glm import gin_config
-from glm import model_info
-from glm.config import ModelConfig
+from glm.model.config import ModelConfig
+from glm.model import info as model_info
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIN_FILES = sorted(glob.glob(os.path.join(ROOT, 'configs', '**', '*.gin'),

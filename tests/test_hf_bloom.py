@@ -17,8 +17,9 @@ import pytest
 import torch
 import transformers
 
-from glm import checkpoint
 from glm import cli
+from glm.model import checkpoint
+
 
 # (vocab, hidden, heads, layers): non-power-of-two head counts (6, 12, 5) and
 # vocabularies that are not multiples of 128.

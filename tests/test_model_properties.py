@@ -17,8 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from glm import positions, transformer
-from glm.config import ModelConfig
+from glm.model.config import ModelConfig
+from glm.model import positions, transformer
+
 
 try:
   from tests import numpy_reference as ref
@@ -247,7 +248,9 @@ def test_padding_is_invisible(position):
 @pytest.mark.parametrize('heads', [6, 12])
 def test_alibi_non_power_of_two_heads(heads, monkeypatch):
   pos = np.array([[0, 1, 2, 3, 4, 0, 1]], np.int32)
-  bias = np.asarray(positions.alibi_bias(jnp.asarray(pos), heads))
+  pos_j = jnp.asarray(pos)
+  bias = np.asarray(positions.alibi_bias(pos_j, pos_j,
+                                         positions.alibi_slopes(heads)))
   slopes = ref.alibi_slopes_reference(heads)
   dist = np.abs(pos[0][:, None] - pos[0][None, :])
   np.testing.assert_allclose(bias[0], -slopes[:, None, None] * dist,
@@ -276,16 +279,19 @@ def test_alibi_non_power_of_two_heads(heads, monkeypatch):
   assert_same(out[0, 4:], out[0, :4], 1e-4, 'alibi depends on absolute index')
 
 
-@pytest.mark.parametrize('bias_heads', [1, 3])
-def test_attention_vjp_matches_autodiff(bias_heads):
+@pytest.mark.parametrize('bias_heads,extra_keys', [(1, 0), (3, 0), (3, 4)])
+def test_attention_vjp_matches_autodiff(bias_heads, extra_keys):
   """The hand-written attention backward equals autodiff of plain softmax
-  attention, including the bias gradient, with masked keys in the bias."""
-  from glm.attention import _attention
+  attention, including the bias gradient, with masked keys in the bias and
+  with more keys than queries (the queries are the last T of S)."""
+  from glm.model.attention import _attention
   b, h, t, d = 2, 3, 7, 4
+  s = t + extra_keys
   keys = jax.random.split(jax.random.PRNGKey(3), 5)
-  q, k, v, d_out = (jax.random.normal(kk, (b, h, t, d)) for kk in keys[:4])
-  bias = jax.random.normal(keys[4], (b, bias_heads, t, t))
-  causal = jnp.tril(jnp.ones((t, t), bool))
+  q, d_out = (jax.random.normal(kk, (b, h, t, d)) for kk in keys[:2])
+  k, v = (jax.random.normal(kk, (b, h, s, d)) for kk in keys[2:4])
+  bias = jax.random.normal(keys[4], (b, bias_heads, t, s))
+  causal = jnp.tril(jnp.ones((s, s), bool))[s - t:]
   bias = jnp.where(causal, bias, jnp.finfo(jnp.float32).min)
 
   def plain(q, k, v, bias):

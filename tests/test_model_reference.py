@@ -19,8 +19,10 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
 
-from glm import partitioning, positions, transformer
-from glm.config import ModelConfig
+from glm.model.config import ModelConfig
+from glm.model import positions, transformer
+from glm.parallel import partitioning
+
 
 try:
   from tests import numpy_reference as ref
@@ -183,7 +185,7 @@ def test_grid_touches_every_switch_value():
     seen.setdefault('pow2_heads', set()).add(
         cfg.num_heads & (cfg.num_heads - 1) == 0)
     seen.setdefault('batch', set()).add(make_batch.__name__)
-  from glm import config
+  from glm.model import config
   assert seen['position'] == set(config.POSITIONS)
   assert seen['norm_layout'] == set(config.NORM_LAYOUTS)
   assert seen['norm_type'] == set(config.NORM_TYPES)
@@ -195,7 +197,7 @@ def test_grid_touches_every_switch_value():
 
 
 def test_reference_masks_glm_layout():
-  """The reference's own mask follows DESIGN.md section 4 (tril + A columns)."""
+  """The reference's own mask follows GLM's layout (tril + Part A columns)."""
   batch = batch_glm(0)
   m = ref.attention_mask_reference(batch)[0]
   want = np.tril(np.ones((T, T), bool))

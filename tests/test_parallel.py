@@ -16,8 +16,9 @@ import sys
 import numpy as np
 import pytest
 
-from glm import mesh as mesh_lib
-from glm.config import ModelConfig
+from glm.model.config import ModelConfig
+from glm.parallel import mesh as mesh_lib
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, 'tests'))

@@ -11,12 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from glm import transformer
-from glm.config import ModelConfig
 from glm.data import glm_objective
 from glm.data import packing
 from glm.data import pipeline
 from glm.data import ul2_objective
+from glm.model.config import ModelConfig
+from glm.model import transformer
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEQ = 64

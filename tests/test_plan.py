@@ -9,10 +9,11 @@ import gin
 import pytest
 
 from glm import gin_config
-from glm import model_info
-from glm import plan as plan_lib
-from glm.config import ModelConfig
-from glm.mesh import MeshConfig, MeshError
+from glm.model.config import ModelConfig
+from glm.model import info as model_info
+from glm.parallel.mesh import MeshConfig, MeshError
+from glm.parallel import plan as plan_lib
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ModelConfig(vocab_size=256, hidden=64, num_layers=2, num_heads=4,

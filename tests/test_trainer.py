@@ -14,10 +14,12 @@ import numpy as np
 import optax
 import pytest
 
-from glm import optimizers
-from glm import train as train_lib
-from glm import transformer
-from glm.config import ModelConfig
+from glm.model.config import ModelConfig
+from glm.model import transformer
+from glm.training import optimizers
+from glm.training import state as state_lib
+from glm.training import step as step_lib
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNS = os.path.join(ROOT, 'configs', 'runs')
@@ -210,8 +212,7 @@ CFG = ModelConfig(vocab_size=64, hidden=16, num_layers=2, num_heads=2,
 
 
 def _state(opt, params):
-  return {'params': params, 'opt_state': opt.init(params),
-          'loss_ema': jnp.float32(0), 'bad_steps': jnp.int32(0)}
+  return state_lib.new_state(params, opt)
 
 
 def _batch(seed, b=4, t=8):
@@ -225,7 +226,7 @@ def test_gradient_accumulation_equals_one_big_batch():
   # Plain SGD with lr 1: the update is exactly minus the (accumulated) grads.
   opt = optax.sgd(1.0)
   params = transformer.init_params(CFG, jax.random.PRNGKey(0))
-  step, _ = train_lib.make_train_step(CFG, opt)
+  step, _ = step_lib.make_train_step(CFG, opt)
   batch = _batch(0)
   one = {k: jnp.asarray(v)[None] for k, v in batch.items()}          # [1,4,T]
   two = {k: jnp.asarray(v).reshape(2, 2, -1) for k, v in batch.items()}
@@ -242,7 +243,7 @@ def test_nan_batch_is_skipped_and_counted_then_training_goes_on():
   opt = optimizers.make_optimizer(optimizers.OptimizerConfig(),
                                   np.full(4, 1e-2, np.float32))
   params = transformer.init_params(CFG, jax.random.PRNGKey(0))
-  step, _ = train_lib.make_train_step(CFG, opt)
+  step, _ = step_lib.make_train_step(CFG, opt)
   state = _state(opt, params)
   bad = _batch(1)
   bad['loss_mask'][0, 0] = np.nan
@@ -263,8 +264,8 @@ def test_loss_spike_is_skipped():
   opt = optimizers.make_optimizer(optimizers.OptimizerConfig(),
                                   np.full(4, 1e-2, np.float32))
   params = transformer.init_params(CFG, jax.random.PRNGKey(0))
-  step, _ = train_lib.make_train_step(
-      CFG, opt, policy=train_lib.FailurePolicy(spike_factor=2.0))
+  step, _ = step_lib.make_train_step(
+      CFG, opt, policy=step_lib.FailurePolicy(spike_factor=2.0))
   state = _state(opt, params)
   state['loss_ema'] = jnp.float32(1.0)  # running mean far below ln(64)
   batch = {k: jnp.asarray(v)[None] for k, v in _batch(3).items()}
@@ -296,7 +297,7 @@ def test_weight_decay_skips_biases_norms_and_embeddings():
 
 
 def test_cross_entropy_and_its_gradient_match_log_softmax():
-  from glm import losses  # pylint: disable=g-import-not-at-top
+  from glm.training import losses  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   logits = jnp.asarray(rng.normal(size=(2, 5, 37)).astype(np.float32) * 3)
   logits = logits.at[..., 30:].set(jnp.finfo(jnp.float32).min)  # padded vocab
@@ -322,7 +323,7 @@ def test_output_loss_equals_logits_then_cross_entropy(tie, z_loss, chunk):
   """The chunked output layer + loss (values and gradients of x and of the
   output matrix) equals logits -> cross_entropy + z-loss, with a padded
   vocabulary, masked tokens and a chunk size that does not divide B*T."""
-  from glm import losses  # pylint: disable=g-import-not-at-top
+  from glm.training import losses  # pylint: disable=g-import-not-at-top
   cfg = CFG.replace(tie_embeddings=tie, vocab_size=50)  # padded to 128
   params = transformer.init_params(cfg, jax.random.PRNGKey(1))
   batch = {k: jnp.asarray(v) for k, v in _batch(3, b=3, t=6).items()}
@@ -366,7 +367,7 @@ def test_dropout_is_seeded_per_step_and_off_at_eval():
   assert not np.allclose(drop(k1), drop(k2))
   assert not np.allclose(drop(k1), plain)
   opt = optax.sgd(1e-2)
-  step, _ = train_lib.make_train_step(cfg, opt)
+  step, _ = step_lib.make_train_step(cfg, opt)
   b = {k: jnp.asarray(v)[None] for k, v in _batch(0).items()}
   _, m1 = step(_state(opt, params), b, k1)
   _, m2 = step(_state(opt, params), b, k1)

@@ -20,13 +20,15 @@ from typing import Any
 
 import numpy as np
 
-from glm.config import ModelConfig
-from glm import transformer
+from glm.errors import UserError
+from glm.model.config import ModelConfig
+from glm.model import transformer
+
 
 PREFIX = 'transformer.'
 
 
-class HFConversionError(ValueError):
+class HFConversionError(UserError):
   """An input that is not a convertible Hugging Face BLOOM model."""
 
 

@@ -14,8 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from glm.config import ModelConfig
-from glm.transformer import Transformer
+from glm.errors import UserError
+from glm.model.config import ModelConfig
+from glm.model.transformer import Transformer
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))
@@ -36,10 +37,10 @@ def greedy_generate(cfg: ModelConfig, params: Any, prompt: Sequence[int],
                     num_new: int, eos_id: int | None = None) -> list[int]:
   """Returns up to num_new greedily chosen tokens after `prompt`."""
   if not prompt:
-    raise ValueError('greedy_generate needs a non-empty prompt.')
+    raise UserError('greedy_generate needs a non-empty prompt.')
   total = len(prompt) + num_new
   if total > cfg.max_len:
-    raise ValueError(f'prompt {len(prompt)} + {num_new} new tokens exceeds '
+    raise UserError(f'prompt {len(prompt)} + {num_new} new tokens exceeds '
                      f'max_len={cfg.max_len}; shorten the prompt or ask for '
                      'fewer tokens.')
   buf = np.zeros((1, total), np.int32)

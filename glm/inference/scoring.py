@@ -23,12 +23,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from glm import checkpoint
-from glm.config import ModelConfig
-from glm.transformer import Transformer
+from glm.errors import UserError
+from glm.model import checkpoint
+from glm.model.config import ModelConfig
+from glm.model.transformer import Transformer
 
 
-class ScoreInputError(ValueError):
+class ScoreInputError(UserError):
   """An input line that cannot be scored, with the fix."""
 
 

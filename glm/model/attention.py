@@ -1,39 +1,82 @@
-"""Multi-head self-attention and the attention pattern built from batch fields.
+"""Attention: a description of the pattern, one entry point, the XLA path.
 
 Einsum letters: B batch, T query length, S key length, E embed, H heads,
 D head dim.
 
-One mask covers every objective. A key j is visible from a query i when both
-are in the same packed segment and either j <= i (causal) or j lies in the
-segment's bidirectional prefix. Causal LM has no prefix; UL2's prefix LM and
-GLM's Part A / Part B differ only in the prefix; padding is segment 0, which
-no real token can see.
+The pattern is described, not materialised. An `AttentionSpec` holds small
+per-token arrays from which any implementation computes, block by block,
+which keys a query sees and the ALiBi bias:
+
+  key j is visible from query i  <=>  seg_q[i] == seg_kv[j] != 0  and
+      (not causal  or  slot_kv[j] <= slot_q[i]  or  prefix_kv[j])
+  bias[h, i, j] = -slope_h * |pos_q[i] - pos_kv[j]|   (ALiBi; else 0)
+
+Causality is by slot (the token's index in its row), not by position id:
+GLM's Part B repeats its mask's position. Segment 0 is padding, which no
+query sees; a padding query sees nothing, and its output is finite and
+unspecified. Causal LM has no prefix; UL2's inputs and GLM's Part A are the
+prefix. T may differ from S (a query block against a longer key cache).
+
+`attention(q, k, v, spec, impl=...)` chooses the implementation. `'xla'`
+builds the float32 [B, H|1, T, S] bias inside itself from the spec and runs
+softmax attention with a hand-written backward; it is the reference every
+fused kernel is tested against.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import dataclasses
+from typing import Callable, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from glm import positions
-from glm.config import ModelConfig
-from glm.layers import compute_dtype, kernel_init, param
+from glm.model.config import ModelConfig
+from glm.model.layers import compute_dtype, dense, kernel_init, param
+from glm.model import positions
 
 
-class AttentionInputs(NamedTuple):
-  """Per-forward attention context, shared by every layer.
 
-  bias: [B, 1, T, S] (no ALiBi) or [B, H, T, S] float32 added to the scaled
-    scores: the ALiBi bias (or 0) where the query may attend the key, the
-    float32 minimum elsewhere. Built once per forward so that no layer
-    materialises a mask select or its gradient.
-  rope: ((cos, sin), ...) tables; one pair for 1D RoPE, two for 2D, or None.
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class AttentionSpec:
+  """Which keys each query sees, and the ALiBi bias, as per-token arrays.
+
+  q_segment_ids [B, T], kv_segment_ids [B, S] int32: packed sequence ids,
+    0 = padding.
+  q_slots [B, T], kv_slots [B, S] int32: index of the token in its row;
+    causality compares slots.
+  q_positions [B, T], kv_positions [B, S] int32: position ids (ALiBi).
+  kv_prefix [B, S] bool or None: keys every query of the same segment sees
+    (a bidirectional prefix).
+  alibi_slopes [H] float32 or None: ALiBi slopes, or no bias.
+  causal: static; False makes every key of the segment visible.
   """
-  bias: jax.Array
-  rope: tuple | None
+  q_segment_ids: jax.Array
+  kv_segment_ids: jax.Array
+  q_slots: jax.Array
+  kv_slots: jax.Array
+  q_positions: jax.Array
+  kv_positions: jax.Array
+  kv_prefix: jax.Array | None = None
+  alibi_slopes: jax.Array | None = None
+  causal: bool = dataclasses.field(default=True, metadata={'static': True})
+
+  @property
+  def q_len(self) -> int:
+    return self.q_segment_ids.shape[1]
+
+  @property
+  def kv_len(self) -> int:
+    return self.kv_segment_ids.shape[1]
+
+  def last_queries(self, n: int) -> 'AttentionSpec':
+    """The spec of the last n queries against all keys (T = n <= S)."""
+    q = lambda a: a[:, a.shape[1] - n:]
+    return dataclasses.replace(
+        self, q_segment_ids=q(self.q_segment_ids), q_slots=q(self.q_slots),
+        q_positions=q(self.q_positions))
 
 
 def prefix_mask_from_len(prefix_len: jax.Array, length: int) -> jax.Array:
@@ -41,90 +84,118 @@ def prefix_mask_from_len(prefix_len: jax.Array, length: int) -> jax.Array:
   return jnp.arange(length)[None, :] < prefix_len[:, None]
 
 
-def make_attention_mask(segment_ids: jax.Array,
-                        prefix_mask: jax.Array | None) -> jax.Array:
-  """[B, T] segment ids (0 = padding) and prefix flags -> [B, 1, T, T] bool."""
-  length = segment_ids.shape[1]
-  idx = jnp.arange(length)
-  visible = idx[None, :] <= idx[:, None]  # [T, S] causal
-  visible = jnp.broadcast_to(visible, (segment_ids.shape[0], length, length))
-  if prefix_mask is not None:
-    visible = visible | prefix_mask[:, None, :]
-  same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]
-  return (visible & same_segment)[:, None, :, :]
-
-
-def attention_inputs(cfg: ModelConfig, batch: dict) -> AttentionInputs:
-  """Builds mask, ALiBi bias and RoPE tables from a batch's fields.
+def spec_from_batch(batch: dict, *,
+                    alibi_slopes: jax.Array | None = None) -> AttentionSpec:
+  """Self-attention over a batch's rows (T = S) from its fields.
 
   Batch fields: `tokens` [B, T] (required); optional `segment_ids` [B, T]
   (0 = padding, default all ones), `prefix_len` [B] or `prefix_mask` [B, T],
-  `position_ids` [B, T] (default: 0.. per segment) and `block_position_ids`
-  [B, T] (2D RoPE; default zeros).
+  `position_ids` [B, T] (default: 0.. restarting per segment).
   """
   tokens = batch['tokens']
+  b, t = tokens.shape
   segment_ids = batch.get('segment_ids')
   position_ids = batch.get('position_ids')
   if position_ids is None:
     position_ids = positions.default_position_ids(tokens, segment_ids)
   if segment_ids is None:
     segment_ids = jnp.ones_like(tokens)
-  prefix_mask = batch.get('prefix_mask')
-  if prefix_mask is None and batch.get('prefix_len') is not None:
-    prefix_mask = prefix_mask_from_len(batch['prefix_len'], tokens.shape[1])
-  mask = make_attention_mask(segment_ids, prefix_mask)  # [B, 1, T, S]
+  prefix = batch.get('prefix_mask')
+  if prefix is None and batch.get('prefix_len') is not None:
+    prefix = prefix_mask_from_len(batch['prefix_len'], t)
+  slots = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  return AttentionSpec(
+      q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
+      q_slots=slots, kv_slots=slots, q_positions=position_ids,
+      kv_positions=position_ids,
+      kv_prefix=None if prefix is None else prefix.astype(bool),
+      alibi_slopes=alibi_slopes)
 
-  alibi = rope = None
-  if cfg.position == 'alibi':
-    alibi = positions.alibi_bias(position_ids, cfg.num_heads)  # [B, H, T, S]
-  elif cfg.position == 'rope':
-    rope = (positions.rope_angles(position_ids, cfg.rotary_dims,
-                                  cfg.rope_base),)
-  elif cfg.position == 'rope2d':
-    half = cfg.dims_per_head // 2
-    block_ids = batch.get('block_position_ids')
-    if block_ids is None:
-      block_ids = jnp.zeros_like(position_ids)
-    rope = (positions.rope_angles(position_ids, half, cfg.rope_base),
-            positions.rope_angles(block_ids, half, cfg.rope_base))
-  # Every row sees at least its own key, so the float32 minimum is never the
-  # row maximum and softmax gives masked keys exactly 0, as a select would.
+
+def attention_mask(spec: AttentionSpec) -> jax.Array:
+  """[B, T, S] bool: True where the query sees the key (module docstring)."""
+  seg_q = spec.q_segment_ids[:, :, None]
+  seg_kv = spec.kv_segment_ids[:, None, :]
+  visible = (seg_q == seg_kv) & (seg_kv != 0)
+  if not spec.causal:
+    return visible
+  order = spec.kv_slots[:, None, :] <= spec.q_slots[:, :, None]
+  if spec.kv_prefix is not None:
+    order = order | spec.kv_prefix[:, None, :]
+  return visible & order
+
+
+def attention_bias(spec: AttentionSpec) -> jax.Array:
+  """The materialised pattern: [B, 1, T, S] (no ALiBi) or [B, H, T, S]
+  float32, the ALiBi bias (or 0) where the key is visible, the float32
+  minimum elsewhere. Only the XLA path builds it."""
+  mask = attention_mask(spec)[:, None]  # [B, 1, T, S]
+  alibi = None
+  if spec.alibi_slopes is not None:
+    alibi = positions.alibi_bias(spec.q_positions, spec.kv_positions,
+                                 spec.alibi_slopes)  # [B, H, T, S]
+  # A masked score + the float32 minimum rounds to the minimum, whose exp
+  # underflows to 0: masked keys get exactly 0, as a select would give.
   bias = jnp.where(mask, 0.0 if alibi is None else alibi,
                    jnp.finfo(jnp.float32).min)
-  return AttentionInputs(bias.astype(jnp.float32), rope)
+  return bias.astype(jnp.float32)
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
-                          ctx: AttentionInputs) -> jax.Array:
-  """Softmax attention in float32. q, k, v: [B, T, H, D] -> [B, T, H, D].
+def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                  spec: AttentionSpec) -> jax.Array:
+  """Softmax attention in float32 with the bias built from the spec.
 
-  The products run head-major ([B, H, T, D]): with (B, H) as the leading
-  batch dims of both operands XLA CPU calls its fast batched matmul, where
-  the mixed layouts of 'bthd,bshd->bhts' fall back to a slower generic dot
-  in the backward pass.
+  q [B, T, H, D], k, v [B, S, H, D] -> [B, T, H, D]. The products run
+  head-major ([B, H, T, D]): with (B, H) as the leading batch dims of both
+  operands XLA CPU calls its fast batched matmul, where the mixed layouts of
+  'bthd,bshd->bhts' fall back to a slower generic dot in the backward.
   """
-  q, k, v = (jnp.swapaxes(a, 1, 2) for a in (q, k, v))  # [B, H, T, D]
-  out = _attention(q, k, v, ctx.bias)
+  bias = attention_bias(spec)
+  q, k, v = (jnp.swapaxes(a, 1, 2) for a in (q, k, v))  # [B, H, T|S, D]
+  out = _attention(q, k, v, bias)
   return jnp.swapaxes(out, 1, 2)  # [B, T, H, D]
+
+
+IMPLEMENTATIONS: dict[str, Callable[..., jax.Array]] = {'xla': xla_attention}
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttentionSpec,
+              *, impl: str = 'xla') -> jax.Array:
+  """The one attention entry: q [B, T, H, D], k, v [B, S, H, D] ->
+  [B, T, H, D] in q's dtype, the pattern taken from `spec`."""
+  if impl not in IMPLEMENTATIONS:
+    raise ValueError(f'attention impl={impl!r} is not one of '
+                     f'{sorted(IMPLEMENTATIONS)}.')
+  b, t, h, d = q.shape
+  if k.shape != v.shape or k.shape[0] != b or k.shape[2:] != (h, d):
+    raise ValueError(f'q {q.shape} and k {k.shape}, v {v.shape} do not '
+                     'match: expected [B, T, H, D] and [B, S, H, D] twice.')
+  if (spec.q_segment_ids.shape != (b, t)
+      or spec.kv_segment_ids.shape != (b, k.shape[1])):
+    raise ValueError(
+        f'spec of {spec.q_segment_ids.shape} queries x '
+        f'{spec.kv_segment_ids.shape} keys does not match q {q.shape}, '
+        f'k {k.shape}.')
+  return IMPLEMENTATIONS[impl](q, k, v, spec)
 
 
 def _probs(q, k, bias):
   """Softmax probabilities [B, H, T, S] float32 of scaled scores + bias."""
   scores = jnp.einsum('bhtd,bhsd->bhts', q, k,
                       preferred_element_type=jnp.float32)
-  # Masked keys: score + float32 min rounds to the float32 min (|score| is
-  # far below its ulp), whose exp underflows to 0.
   return jax.nn.softmax(scores * q.shape[-1] ** -0.5 + bias, axis=-1)
 
 
 @jax.custom_vjp
 def _attention(q, k, v, bias):
-  """Head-major attention: [B, H, T, D] x3, bias [B, 1|H, T, S] -> [B, H, T, D].
+  """Head-major attention: [B, H, T, D], [B, H, S, D] x2, bias
+  [B, 1|H, T, S] -> [B, H, T, D].
 
   Its own backward is the textbook softmax-attention gradient in four
   batched matmuls and one elementwise pass (dS = P * (dP - rowsum(dO * O))),
   reusing the saved probabilities; autodiff's version of the same forward
-  ran ~1.4x slower on XLA CPU (extra passes over [B, H, T, S]).
+  ran ~1.4x slower on XLA CPU. The bias is not kept for the backward (it is
+  rebuilt per layer from the spec and only its shape matters there).
   """
   return _attention_fwd(q, k, v, bias)[0]
 
@@ -132,11 +203,13 @@ def _attention(q, k, v, bias):
 def _attention_fwd(q, k, v, bias):
   probs = _probs(q, k, bias)
   out = jnp.einsum('bhts,bhsd->bhtd', probs.astype(v.dtype), v)
-  return out, (q, k, v, bias, out, probs)
+  # An empty array stands in for the bias: its shape and dtype only.
+  stub = jnp.zeros((0,) + bias.shape[1:2], bias.dtype)
+  return out, (q, k, v, out, probs, stub)
 
 
 def _attention_bwd(res, d_out):
-  q, k, v, bias, out, probs = res
+  q, k, v, out, probs, stub = res
   f32 = jnp.float32
   d_probs = jnp.einsum('bhtd,bhsd->bhts', d_out, v, preferred_element_type=f32)
   delta = jnp.sum(d_out.astype(f32) * out.astype(f32), -1, keepdims=True)
@@ -147,32 +220,70 @@ def _attention_bwd(res, d_out):
   dk = jnp.einsum('bhts,bhtd->bhsd', ds, q, preferred_element_type=f32) * scale
   dv = jnp.einsum('bhts,bhtd->bhsd', probs.astype(v.dtype), d_out,
                   preferred_element_type=f32)
-  # The bias is built from batch fields and never differentiated in training,
-  # so this sum is dead code there; it keeps the VJP exact for any caller.
-  d_bias = jnp.sum(d_scores, axis=1, keepdims=True) if bias.shape[1] == 1 \
-      else d_scores
+  # The bias comes from integer batch fields and is never differentiated in
+  # training, so this sum is dead code there; it keeps the VJP exact.
+  d_bias = (jnp.sum(d_scores, axis=1, keepdims=True) if stub.shape[1] == 1
+            else d_scores)
   return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype),
-          d_bias.astype(bias.dtype))
+          d_bias.astype(stub.dtype))
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
+# The batch fields `attention_context` reads (all [B, ...]).
+CONTEXT_FIELDS = ('tokens', 'segment_ids', 'prefix_len', 'prefix_mask',
+                  'position_ids', 'block_position_ids')
+
+
+class AttentionContext(NamedTuple):
+  """What every layer of one forward shares: the attention spec and the
+  RoPE tables (((cos, sin),) for 1D, two pairs for 2D, or None)."""
+  spec: AttentionSpec
+  rope: tuple | None
+
+
+def attention_context(cfg: ModelConfig, batch: dict) -> AttentionContext:
+  """The spec and RoPE tables of a forward over `batch` (see
+  `spec_from_batch`; `block_position_ids` [B, T] feed 2D RoPE, default 0)."""
+  position_ids = batch.get('position_ids')
+  if position_ids is None:
+    position_ids = positions.default_position_ids(batch['tokens'],
+                                                  batch.get('segment_ids'))
+    batch = dict(batch, position_ids=position_ids)
+  slopes = None
+  if cfg.position == 'alibi':
+    slopes = jnp.asarray(positions.alibi_slopes(cfg.num_heads))
+  rope = None
+  if cfg.position == 'rope':
+    rope = (positions.rope_angles(position_ids, cfg.rotary_dims,
+                                  cfg.rope_base),)
+  elif cfg.position == 'rope2d':
+    half = cfg.dims_per_head // 2
+    block_ids = batch.get('block_position_ids')
+    if block_ids is None:
+      block_ids = jnp.zeros_like(position_ids)
+    rope = (positions.rope_angles(position_ids, half, cfg.rope_base),
+            positions.rope_angles(block_ids, half, cfg.rope_base))
+  return AttentionContext(spec_from_batch(batch, alibi_slopes=slopes), rope)
+
+
 class Attention(nn.Module):
   """Self-attention with separate q, k, v projections and an output one."""
   cfg: ModelConfig
+  impl: str = 'xla'
 
   @nn.compact
-  def __call__(self, x: jax.Array, ctx: AttentionInputs) -> jax.Array:
+  def __call__(self, x: jax.Array, ctx: AttentionContext) -> jax.Array:
     cfg = self.cfg
     dt = compute_dtype(cfg)
     e, h, d = cfg.hidden, cfg.num_heads, cfg.dims_per_head
+    qkv_axes = ('embed', 'heads', 'kv')
 
     def project(name: str, scaled: bool) -> jax.Array:
       w = param(self, name, kernel_init(cfg, scaled=scaled, in_axis=[0],
-                                        out_axis=[1, 2]),
-                (e, h, d), ('embed', 'heads', 'kv'))
-      y = jnp.einsum('bte,ehd->bthd', x, w.astype(dt))
+                                        out_axis=[1, 2]), (e, h, d), qkv_axes)
+      y = dense('bte,ehd->bthd', x, w, qkv_axes, dtype=dt)
       if cfg.use_bias:
         y = y + param(self, f'{name}_bias', nn.initializers.zeros, (h, d),
                       ('heads', 'kv')).astype(dt)
@@ -188,11 +299,11 @@ class Attention(nn.Module):
       q = positions.apply_rope_2d(q, ctx.rope[0], ctx.rope[1])
       k = positions.apply_rope_2d(k, ctx.rope[0], ctx.rope[1])
 
-    out = dot_product_attention(q, k, v, ctx)  # [B, T, H, D]
+    out = attention(q, k, v, ctx.spec, impl=self.impl)  # [B, T, H, D]
+    out_axes = ('heads', 'kv', 'embed')
     wo = param(self, 'out', kernel_init(cfg, scaled=True, in_axis=[0, 1],
-                                        out_axis=[2]),
-               (h, d, e), ('heads', 'kv', 'embed'))
-    y = jnp.einsum('bthd,hde->bte', out, wo.astype(dt))
+                                        out_axis=[2]), (h, d, e), out_axes)
+    y = dense('bthd,hde->bte', out, wo, out_axes, dtype=dt)
     if cfg.use_bias:
       y = y + param(self, 'out_bias', nn.initializers.zeros, (e,),
                     ('embed',)).astype(dt)

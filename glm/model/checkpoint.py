@@ -23,14 +23,16 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from glm.config import ModelConfig
-from glm import transformer
+from glm.errors import UserError
+from glm.model.config import ModelConfig
+from glm.model import transformer
+
 
 FORMAT = 'glm-checkpoint-v1'
 MANIFEST = 'glm_checkpoint.json'
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
   """A folder that is not a usable glm checkpoint."""
 
 

@@ -16,12 +16,18 @@ from typing import Any
 
 import gin
 
+from glm.errors import UserError
+
 POSITIONS = ('alibi', 'rope', 'rope2d', 'learned', 'none')
 NORM_LAYOUTS = ('pre', 'deepnorm')
 NORM_TYPES = ('layernorm', 'rmsnorm')
 MLP_ACTIVATIONS = ('gelu', 'geglu', 'swiglu')
 DTYPES = ('float32', 'bfloat16')
 REMAT_POLICIES = ('none', 'full', 'dots', 'dots_no_batch')
+
+
+class ConfigError(UserError):
+  """A model configuration value that is out of range, with the fix."""
 
 
 @gin.configurable
@@ -76,26 +82,26 @@ class ModelConfig:
     for name in ('vocab_size', 'vocab_pad_multiple', 'hidden', 'num_layers',
                  'num_heads', 'mlp_dim', 'max_len'):
       if getattr(self, name) < 1:
-        raise ValueError(f'ModelConfig.{name}={getattr(self, name)} must be '
+        raise ConfigError(f'ModelConfig.{name}={getattr(self, name)} must be '
                          'a positive integer.')
     if not self.head_dim and self.hidden % self.num_heads:
-      raise ValueError(
+      raise ConfigError(
           f'ModelConfig.hidden={self.hidden} is not divisible by num_heads='
           f'{self.num_heads}; set head_dim explicitly or change num_heads.')
     if self.position == 'rope2d' and self.dims_per_head % 4:
-      raise ValueError(
+      raise ConfigError(
           f'2D RoPE needs a head dim divisible by 4, got {self.dims_per_head}; '
           'change hidden or num_heads.')
     if self.position == 'rope' and (self.rotary_dims < 2
                                     or self.rotary_dims % 2):
-      raise ValueError(
+      raise ConfigError(
           f'rope_fraction={self.rope_fraction} of head dim '
           f'{self.dims_per_head} gives {self.rotary_dims} rotary dims; it must '
           'be a positive even number.')
     if not 0.0 <= self.dropout_rate < 1.0:
-      raise ValueError(f'dropout_rate={self.dropout_rate} must be in [0, 1).')
+      raise ConfigError(f'dropout_rate={self.dropout_rate} must be in [0, 1).')
     if not 0.0 < self.embed_grad_shrink <= 1.0:
-      raise ValueError(f'embed_grad_shrink={self.embed_grad_shrink} must be '
+      raise ConfigError(f'embed_grad_shrink={self.embed_grad_shrink} must be '
                        'in (0, 1]; 1.0 disables the shrink.')
 
   # Derived sizes --------------------------------------------------------------
@@ -141,7 +147,7 @@ class ModelConfig:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - known)
     if unknown:
-      raise ValueError(f'unknown ModelConfig fields {unknown}; known fields '
+      raise ConfigError(f'unknown ModelConfig fields {unknown}; known fields '
                        f'are {sorted(known)}.')
     return cls(**d)
 
@@ -151,4 +157,4 @@ class ModelConfig:
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
   if value not in choices:
-    raise ValueError(f'ModelConfig.{name}={value!r} is not one of {choices}.')
+    raise ConfigError(f'ModelConfig.{name}={value!r} is not one of {choices}.')

@@ -14,8 +14,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from glm.config import ModelConfig
-from glm import transformer
+from glm.model.config import ModelConfig
+from glm.model import transformer
+
 
 # Parameter tables indexed by token or position id rather than multiplied.
 _EMBEDDING_LEAVES = ('embedding', 'position_embedding', 'lm_head')

@@ -1,9 +1,15 @@
-"""Building blocks: norms, the feed-forward block, embeddings and initialisers.
+"""Building blocks: `dense`, norms, the feed-forward block, embeddings and
+initialisers.
 
 Einsum letters: B batch, T length, E embed (hidden), F mlp width, G the two
-halves of a gated FFN, V padded vocabulary.
+halves of a gated FFN, V padded vocabulary, H heads, D head dim.
 Parameters are float32; computation runs in `cfg.dtype` except norms,
 softmax and logits, which are float32.
+
+Every product of an activation with a weight matrix in the model (q, k, v
+and attention output, MLP in and out, the tied logits and the chunked output
+loss) goes through `dense`, with the weight's logical axis names: the one
+place where quantised weights or an int4 matmul kernel plug in.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from glm.config import ModelConfig
+from glm.model.config import ModelConfig
 
 Initializer = Callable[..., jax.Array]
 
@@ -47,6 +53,26 @@ def kernel_init(cfg: ModelConfig, *, scaled: bool, in_axis: Sequence[int],
     gain = cfg.deepnorm_init_scale if scaled else 1.0
     return xavier_normal(gain, in_axis, out_axis)
   return normal_init(cfg.init_std)
+
+
+def dense(eqn: str, x: jax.Array, w: jax.Array, axes: Sequence[str | None],
+          *, dtype, out_dtype=None) -> jax.Array:
+  """The model's one weight product: einsum(eqn, x, w) in `dtype`.
+
+  eqn: two operands, activation first, e.g. 'bte,ehd->bthd'.
+  w: the weight, its dims named by `axes` (the logical axis names it was
+    declared with, e.g. ('embed', 'heads', 'kv')), one per letter of the
+    weight's term in eqn.
+  dtype: the compute dtype both operands are cast to; out_dtype: the
+    accumulation / result dtype (None: dtype's own, as jnp.einsum gives).
+  """
+  operands, _ = eqn.split('->')
+  w_letters = operands.split(',')[1]
+  if not len(w_letters) == w.ndim == len(axes):
+    raise ValueError(f'dense {eqn!r}: weight of shape {w.shape} with axes '
+                     f'{tuple(axes)} does not match its term {w_letters!r}.')
+  return jnp.einsum(eqn, x.astype(dtype), w.astype(dtype),
+                    preferred_element_type=out_dtype)
 
 
 def param(module: nn.Module, name: str, init: Initializer,
@@ -95,10 +121,10 @@ class Mlp(nn.Module):
     dt = compute_dtype(cfg)
     e, f = cfg.hidden, cfg.mlp_dim
     if cfg.is_gated:
+      wi_axes = ('embed', 'glu', 'mlp')
       wi = param(self, 'wi', kernel_init(cfg, scaled=True, in_axis=[0],
-                                         out_axis=[1, 2]),
-                 (e, 2, f), ('embed', 'glu', 'mlp'))
-      h = jnp.einsum('bte,egf->gbtf', x, wi.astype(dt))
+                                         out_axis=[1, 2]), (e, 2, f), wi_axes)
+      h = dense('bte,egf->gbtf', x, wi, wi_axes, dtype=dt)
       if cfg.use_bias:
         bi = param(self, 'wi_bias', nn.initializers.zeros, (2, f),
                    ('glu', 'mlp'))
@@ -109,19 +135,19 @@ class Mlp(nn.Module):
       else:
         h = x1 * jax.nn.silu(x2)
     else:
+      wi_axes = ('embed', 'mlp')
       wi = param(self, 'wi', kernel_init(cfg, scaled=True, in_axis=[0],
-                                         out_axis=[1]),
-                 (e, f), ('embed', 'mlp'))
-      h = jnp.einsum('bte,ef->btf', x, wi.astype(dt))
+                                         out_axis=[1]), (e, f), wi_axes)
+      h = dense('bte,ef->btf', x, wi, wi_axes, dtype=dt)
       if cfg.use_bias:
         h = h + param(self, 'wi_bias', nn.initializers.zeros, (f,),
                       ('mlp',)).astype(dt)
       h = jax.nn.gelu(h, approximate=True)
     h = nn.with_logical_constraint(h, ('batch', 'length', 'mlp'))
+    wo_axes = ('mlp', 'embed')
     wo = param(self, 'wo', kernel_init(cfg, scaled=True, in_axis=[0],
-                                       out_axis=[1]),
-               (f, e), ('mlp', 'embed'))
-    y = jnp.einsum('btf,fe->bte', h, wo.astype(dt))
+                                       out_axis=[1]), (f, e), wo_axes)
+    y = dense('btf,fe->bte', h, wo, wo_axes, dtype=dt)
     if cfg.use_bias:
       y = y + param(self, 'wo_bias', nn.initializers.zeros, (e,),
                     ('embed',)).astype(dt)
@@ -135,6 +161,9 @@ def shrink_gradient(x: jax.Array, alpha: float) -> jax.Array:
   return alpha * x + jax.lax.stop_gradient(x) * (1.0 - alpha)
 
 
+EMBED_AXES = ('vocab', 'embed')  # the embedding table and the output matrix
+
+
 class Embed(nn.Module):
   """Token embedding table [V, E]; `attend` gives tied output logits."""
   cfg: ModelConfig
@@ -142,8 +171,7 @@ class Embed(nn.Module):
   def setup(self):
     cfg = self.cfg
     self.embedding = param(self, 'embedding', normal_init(cfg.init_std),
-                           (cfg.padded_vocab_size, cfg.hidden),
-                           ('vocab', 'embed'))
+                           (cfg.padded_vocab_size, cfg.hidden), EMBED_AXES)
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
     # [B, T] -> [B, T, E]
@@ -165,8 +193,8 @@ def tied_logits(x: jax.Array, table: jax.Array) -> jax.Array:
   [B, T, V] logit gradient out transposed (a second, cache-hostile pass over
   the largest tensor of the step), which cost more than the matmuls.
   """
-  return jnp.einsum('bte,ve->btv', x, table,
-                    preferred_element_type=jnp.float32)
+  return dense('bte,ve->btv', x, table, EMBED_AXES, dtype=table.dtype,
+               out_dtype=jnp.float32)
 
 
 def _tied_logits_fwd(x, table):

@@ -32,16 +32,18 @@ def alibi_slopes(num_heads: int) -> np.ndarray:
   return np.asarray(slopes, dtype=np.float32)
 
 
-def alibi_bias(position_ids: jax.Array, num_heads: int) -> jax.Array:
-  """ALiBi bias [B, H, T, T] in float32: -slope_h * |pos_i - pos_j|.
+def alibi_bias(q_positions: jax.Array, kv_positions: jax.Array,
+               slopes: jax.Array) -> jax.Array:
+  """ALiBi bias [B, H, T, S] in float32: -slope_h * |q_pos - kv_pos|.
 
-  Under a causal mask this is slope_h * (pos_j - pos_i), BLOOM's bias up to a
-  per-row constant that the softmax ignores; keys a prefix lets a query see
-  ahead of itself get the same penalty as keys behind it.
+  q_positions [B, T], kv_positions [B, S], slopes [H]. Under a causal mask
+  this is slope_h * (pos_j - pos_i), BLOOM's bias up to a per-row constant
+  that the softmax ignores; keys a prefix lets a query see ahead of itself
+  get the same penalty as keys behind it.
   """
-  pos = position_ids.astype(jnp.float32)
-  dist = jnp.abs(pos[:, :, None] - pos[:, None, :])  # [B, T, S]
-  slopes = jnp.asarray(alibi_slopes(num_heads))
+  dist = jnp.abs(q_positions.astype(jnp.float32)[:, :, None]
+                 - kv_positions.astype(jnp.float32)[:, None, :])  # [B, T, S]
+  slopes = jnp.asarray(slopes, jnp.float32)
   return -slopes[None, :, None, None] * dist[:, None, :, :]
 
 

@@ -13,17 +13,20 @@ minimum so that softmax, loss and sampling never see them.
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from glm import positions
-from glm.attention import Attention, AttentionInputs, attention_inputs
-from glm.config import ModelConfig
-from glm.layers import Embed, Mlp, Norm, compute_dtype, normal_init, param
-from glm.layers import shrink_gradient
+from glm.model.attention import attention_context
+from glm.model.attention import CONTEXT_FIELDS, Attention, AttentionContext
+from glm.model.config import ModelConfig
+from glm.model.layers import Embed, Mlp, Norm, compute_dtype, dense
+from glm.model.layers import normal_init, param, shrink_gradient
+from glm.model import positions
+
 
 _ACT = ('batch', 'length', 'embed')
 
@@ -45,7 +48,7 @@ class Block(nn.Module):
   deterministic: bool = True
 
   @nn.compact
-  def __call__(self, x: jax.Array, ctx: AttentionInputs):
+  def __call__(self, x: jax.Array, ctx: AttentionContext):
     cfg = self.cfg
     drop = nn.Dropout(cfg.dropout_rate, deterministic=self.deterministic)
     attn = lambda h, c: drop(Attention(cfg, name='attention')(h, c))
@@ -69,13 +72,14 @@ class Block(nn.Module):
 class Transformer(nn.Module):
   """Embedding -> [embedding LN] -> N blocks -> [final norm] -> logits.
 
-  With `mesh_cfg.pipeline` > 1 (and `mesh`), the scanned layer stack runs
-  pipelined over the mesh's `pipeline` axis (glm.pipelining) on the same
-  parameters; initialise with the plain model (`init_params`).
+  `pipeline`, when given, runs the scanned layer stack instead of the plain
+  scan, on the same parameters: a callable
+    pipeline(layer_params, x, fields, *, layer_fn, context_fn, remat, rng)
+  such as `glm.parallel.pipeline.PipelineRunner` (stages over the mesh's
+  `pipeline` axis). Initialise with the plain model (`init_params`).
   """
   cfg: ModelConfig
-  mesh_cfg: Any = None   # glm.mesh.MeshConfig
-  mesh: Any = None       # jax.sharding.Mesh
+  pipeline: Callable[..., jax.Array] | None = None
 
   @nn.compact
   def __call__(self, batch: dict[str, jax.Array], *,
@@ -100,12 +104,12 @@ class Transformer(nn.Module):
       x = Norm(cfg, name='embed_norm')(x)
     x = nn.with_logical_constraint(x, _ACT)
 
-    ctx = attention_inputs(cfg, batch)
+    ctx = attention_context(cfg, batch)
     block = Block
     if cfg.remat_policy != 'none':
       block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat_policy],
                        prevent_cse=not cfg.scan_layers)
-    if self.mesh_cfg is not None and self.mesh_cfg.pipeline > 1:
+    if self.pipeline is not None:
       x = self._pipelined_layers(x, batch, deterministic)
     elif cfg.scan_layers:
       x, _ = nn.scan(
@@ -121,17 +125,18 @@ class Transformer(nn.Module):
     if cfg.final_norm:
       x = Norm(cfg, name='final_norm')(x)
     dt = compute_dtype(cfg)
+    head_axes = ('embed', 'vocab')
     if not cfg.tie_embeddings:
       w = param(self, 'lm_head', normal_init(cfg.init_std),
-                (cfg.hidden, cfg.padded_vocab_size), ('embed', 'vocab'))
+                (cfg.hidden, cfg.padded_vocab_size), head_axes)
     if not output_layer:
       table = embed.embedding if cfg.tie_embeddings else w.T  # [V, E]
       return x.astype(dt), table.astype(dt)
     if cfg.tie_embeddings:
       logits = embed.attend(x)
     else:
-      logits = jnp.einsum('bte,ev->btv', x, w.astype(dt),
-                          preferred_element_type=jnp.float32)
+      logits = dense('bte,ev->btv', x, w, head_axes, dtype=dt,
+                     out_dtype=jnp.float32)
     logits = nn.with_logical_constraint(logits, ('batch', 'length', 'vocab'))
     if cfg.padded_vocab_size != cfg.vocab_size:
       real = jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size
@@ -140,21 +145,27 @@ class Transformer(nn.Module):
 
 
   def _pipelined_layers(self, x, batch, deterministic):
-    from glm import pipelining  # pylint: disable=g-import-not-at-top
     layer_params = self.get_variable('params', 'layers')
     if layer_params is None:
       raise ValueError('a pipelined Transformer cannot initialise parameters;'
                        ' use transformer.init_params(cfg, rng).')
     cfg = self.cfg
 
-    def block_fn(p, h, ctx, key):
+    def layer_fn(p, h, ctx, key):
       rngs = None if key is None else {'dropout': key}
       return Block(cfg, deterministic).apply({'params': p}, h, ctx,
                                              rngs=rngs)[0]
 
+    remat = None
+    if cfg.remat_policy != 'none':
+      remat = functools.partial(jax.checkpoint,
+                                policy=REMAT_POLICIES[cfg.remat_policy])
+    fields = {k: batch[k] for k in CONTEXT_FIELDS if batch.get(k) is not None}
     rng = None if deterministic else self.make_rng('dropout')
-    return pipelining.run_layers(cfg, self.mesh_cfg, self.mesh, layer_params,
-                                 x, batch, block_fn=block_fn, rng=rng)
+    return self.pipeline(
+        layer_params, x, fields, layer_fn=layer_fn,
+        context_fn=functools.partial(attention_context, cfg), remat=remat,
+        rng=rng)
 
 
 def dummy_batch(cfg: ModelConfig, batch_size: int = 1,

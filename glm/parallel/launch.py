@@ -18,8 +18,10 @@ import sys
 import time
 from typing import Sequence
 
+from glm.errors import UserError
 
-class LaunchError(ValueError):
+
+class LaunchError(UserError):
   """A launch that cannot start or a process that failed."""
 
 

@@ -2,19 +2,23 @@
 
 One mesh with four named axes, outermost first:
 
-  pipeline  stages of the layer stack (glm.pipelining)
+  pipeline  stages of the layer stack (glm.parallel.pipeline)
   data      data-parallel replicas (with `zero1`, optimiser state is split too)
   fsdp      data parallelism that also splits parameters, gradients and
             optimiser state (ZeRO-3 / FSDP)
   tensor    Megatron tensor parallelism (heads, FFN width, vocabulary)
 
 Logical axis names on parameters and activations reach the mesh through the
-one rule table `glm.partitioning.LOGICAL_AXIS_RULES`. On one device every axis
-has size 1 and the run is the unsharded one.
+one rule table `glm.parallel.partitioning.LOGICAL_AXIS_RULES`. On one device
+every axis has size 1 and the run is the unsharded one.
 
   mesh_cfg = MeshConfig.parse('data=2,tensor=2,pipeline=2')
   mesh = make_mesh(mesh_cfg)                       # needs 8 devices
-  shardings = state_shardings(state, cfg, mesh_cfg, mesh)
+  specs = param_specs(transformer.logical_axes(cfg))
+  shardings = to_shardings(specs, mesh)
+
+This module knows nothing of the model beyond its config: parameter trees
+and their logical axis names are passed in.
 """
 
 from __future__ import annotations
@@ -29,15 +33,15 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from glm import partitioning
-from glm import transformer
-from glm.config import ModelConfig
+from glm.errors import UserError
+from glm.model.config import ModelConfig
+from glm.parallel import partitioning
 
 MESH_AXES = ('pipeline', 'data', 'fsdp', 'tensor')
 BATCH_AXES = ('data', 'fsdp')  # mesh axes the batch dimension is split over
 
 
-class MeshError(ValueError):
+class MeshError(UserError):
   """A mesh that does not fit the model, the batch or the devices."""
 
 
@@ -214,9 +218,10 @@ def zero1_spec(spec: P, shape: tuple[int, ...], mesh_shape: dict[str, int]
   return P(*entries)
 
 
-def param_specs(cfg: ModelConfig) -> Any:
-  """PartitionSpecs of the parameters from their logical axis names."""
-  return jax.tree.map(logical_to_spec, transformer.logical_axes(cfg),
+def param_specs(logical_axes: Any) -> Any:
+  """PartitionSpecs of the parameters from their logical axis names (a tree
+  of name tuples, as `glm.model.transformer.logical_axes` gives)."""
+  return jax.tree.map(logical_to_spec, logical_axes,
                       is_leaf=lambda x: isinstance(x, P))
 
 
@@ -225,22 +230,22 @@ def _path_key(path) -> tuple:
                for k in path)
 
 
-def state_specs(state: Any, cfg: ModelConfig, mc: MeshConfig) -> Any:
-  """PartitionSpecs for a train state {params, opt_state, ...}.
+def mirror_specs(tree: Any, params: Any, pspecs: Any, mc: MeshConfig) -> Any:
+  """PartitionSpecs for a tree whose leaves mirror parameters (optimiser
+  state such as Adam's mu and nu).
 
-  Parameters follow the rule table. Optimiser-state leaves that mirror a
-  parameter (Adam's mu and nu) get that parameter's spec, plus `data` with
-  ZeRO-1; everything else (step counts, scalars) is replicated.
+  A leaf whose key path ends in a parameter's path and has its shape gets
+  that parameter's spec (plus `data` with ZeRO-1); everything else (step
+  counts, scalars) is replicated.
   """
-  pspecs = param_specs(cfg)
   by_path = {_path_key(p): s for p, s in
              jax.tree_util.tree_flatten_with_path(
                  pspecs, is_leaf=lambda x: isinstance(x, P))[0]}
   shapes = {_path_key(p): np.shape(x) for p, x in
-            jax.tree_util.tree_flatten_with_path(state['params'])[0]}
+            jax.tree_util.tree_flatten_with_path(params)[0]}
   depth = max(len(k) for k in by_path)
 
-  def for_opt_leaf(path, x):
+  def leaf_spec(path, x):
     key = _path_key(path)
     for n in range(min(depth, len(key)), 0, -1):
       spec = by_path.get(key[-n:])
@@ -248,22 +253,12 @@ def state_specs(state: Any, cfg: ModelConfig, mc: MeshConfig) -> Any:
         return zero1_spec(spec, np.shape(x), mc.shape) if mc.zero1 else spec
     return P()
 
-  specs = {k: jax.tree.map(lambda _: P(), v) for k, v in state.items()}
-  specs['params'] = pspecs
-  if 'opt_state' in state:
-    specs['opt_state'] = jax.tree_util.tree_map_with_path(
-        for_opt_leaf, state['opt_state'])
-  return specs
+  return jax.tree_util.tree_map_with_path(leaf_spec, tree)
 
 
 def to_shardings(specs: Any, mesh: Mesh) -> Any:
   return jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
                       is_leaf=lambda x: isinstance(x, P))
-
-
-def state_shardings(state: Any, cfg: ModelConfig, mc: MeshConfig,
-                    mesh: Mesh) -> Any:
-  return to_shardings(state_specs(state, cfg, mc), mesh)
 
 
 def batch_spec(ndim: int, *, leading: int = 1) -> P:

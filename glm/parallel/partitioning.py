@@ -5,8 +5,9 @@ names (`nn.with_logical_partitioning` / `nn.with_logical_constraint`). Outside
 of a mesh context the constraints are no-ops, so the model runs unchanged on one
 device; `LOGICAL_AXIS_RULES` is what a sharded run hands to
 `nn.logical_axis_rules` to place each logical axis on the mesh axes
-(`data`, `fsdp`, `tensor`, `pipeline`; see glm/mesh.py). A run can replace the
-table in gin: `glm.mesh.axis_rules.table = [('batch', ('data', 'fsdp')), ...]`.
+(`data`, `fsdp`, `tensor`, `pipeline`; see glm/parallel/mesh.py). A run can
+replace the table in gin (the name predates the `parallel` package):
+`glm.mesh.axis_rules.table = [('batch', ('data', 'fsdp')), ...]`.
 
 The defaults give: data parallelism (batch over data and fsdp), FSDP (the
 embed dimension of every weight over fsdp), Megatron tensor parallelism

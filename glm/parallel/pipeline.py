@@ -17,25 +17,24 @@ idle (stage, tick) slots is the bubble (S - 1) / (M R + S - 1).
 
 Microbatches carry their own attention context: segment ids, prefix masks,
 position ids and GLM's 2D block positions are indexed per item and turned into
-the mask / ALiBi / RoPE tables inside the stage, so every family and objective
-runs pipelined. The result equals the plain layer scan up to float rounding.
+the attention spec and RoPE tables inside the stage, so every family and
+objective runs pipelined. The result equals the plain layer scan up to float
+rounding.
+
+The model is not imported here: the Transformer hands its layer function, its
+attention-context builder and its remat wrapper to a `PipelineRunner`.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
-from glm.attention import attention_inputs
-from glm.config import ModelConfig
-from glm.mesh import MeshConfig
-
-# Batch fields the attention context is built from (all [B, ...]).
-_CTX_FIELDS = ('tokens', 'segment_ids', 'prefix_len', 'prefix_mask',
-               'position_ids', 'block_position_ids')
+from glm.parallel.mesh import MeshConfig
 
 
 def stage_params(layer_params: Any, stages: int, repeats: int) -> Any:
@@ -47,18 +46,38 @@ def stage_params(layer_params: Any, stages: int, repeats: int) -> Any:
   return jax.tree.map(split, layer_params)
 
 
-def run_layers(cfg: ModelConfig, mc: MeshConfig, mesh: Mesh,
-               layer_params: Any, x: jax.Array, batch: dict, *,
-               block_fn, rng: jax.Array | None) -> jax.Array:
+@dataclasses.dataclass(frozen=True)
+class PipelineRunner:
+  """The `pipeline` a `glm.model.transformer.Transformer` takes: runs its
+  stacked layers over the mesh's `pipeline` axis (`run_layers`)."""
+  mesh_cfg: MeshConfig
+  mesh: Mesh
+
+  def __call__(self, layer_params, x, fields, *, layer_fn, context_fn, remat,
+               rng):
+    return run_layers(self.mesh_cfg, self.mesh, layer_params, x, fields,
+                      layer_fn=layer_fn, context_fn=context_fn, remat=remat,
+                      rng=rng)
+
+
+def run_layers(mc: MeshConfig, mesh: Mesh, layer_params: Any, x: jax.Array,
+               fields: dict, *, layer_fn: Callable, context_fn: Callable,
+               remat: Callable | None, rng: jax.Array | None) -> jax.Array:
   """Runs the layer stack pipelined. x: [B, T, E] -> [B, T, E].
 
-  block_fn(params_of_one_layer, x [mb, T, E], ctx, key) -> x applies one
-  layer (key: that layer's dropout key, or None).
+  layer_params: one layer's parameters stacked on a leading [L] axis.
+  fields: the batch fields [B, ...] the attention context is built from.
+  layer_fn(params_of_one_layer, x [mb, T, E], ctx, key) -> x applies one
+    layer (key: that layer's dropout key, or None).
+  context_fn(fields of one microbatch) -> ctx, the attention context.
+  remat: None, or a wrapper (`jax.checkpoint` with a policy) applied to the
+    stage body.
   """
   s_count, repeats, m_count = mc.pipeline, mc.repeats, mc.num_microbatches
   items = m_count * repeats
   ticks = items + s_count - 1
-  chunk = cfg.num_layers // (s_count * repeats)
+  num_layers = jax.tree.leaves(layer_params)[0].shape[0]
+  chunk = num_layers // (s_count * repeats)
   b = x.shape[0]
   mb = b // m_count
 
@@ -68,7 +87,7 @@ def run_layers(cfg: ModelConfig, mc: MeshConfig, mesh: Mesh,
   # Activations cross stages in float32: XLA CPU cannot partition the
   # bfloat16 ppermute / psum of this loop (it aborts while compiling).
   xs = micro(x).astype(jnp.float32)
-  fields = {k: micro(batch[k]) for k in _CTX_FIELDS if batch.get(k) is not None}
+  fields = {k: micro(v) for k, v in fields.items()}
   params = stage_params(layer_params, s_count, repeats)
 
   def stage_body(p, rep, inp, field_m, key):
@@ -79,20 +98,18 @@ def run_layers(cfg: ModelConfig, mc: MeshConfig, mesh: Mesh,
     per-tick copy of the weights.
     """
     p = jax.tree.map(lambda a: a[rep], p)  # [C, ...]
-    ctx = attention_inputs(cfg, field_m)
+    ctx = context_fn(field_m)
 
     def layer(h, xs_j):
       p_j, j = xs_j
       k = None if key is None else jax.random.fold_in(key, j)
-      return block_fn(p_j, h, ctx, k), None
+      return layer_fn(p_j, h, ctx, k), None
 
     out, _ = jax.lax.scan(layer, inp.astype(x.dtype), (p, jnp.arange(chunk)))
     return out.astype(jnp.float32)
 
-  if cfg.remat_policy != 'none':
-    from glm.transformer import REMAT_POLICIES  # pylint: disable=g-import-not-at-top
-    stage_body = jax.checkpoint(stage_body,
-                                policy=REMAT_POLICIES[cfg.remat_policy])
+  if remat is not None:
+    stage_body = remat(stage_body)
 
   def per_stage(params, xs, fields, rng):
     # params: [1, R, C, ...] (this stage's slice); xs: [M, mb, T, E].

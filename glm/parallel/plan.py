@@ -1,7 +1,7 @@
 """Will a training run fit? Per-device memory of a model on a mesh.
 
 Nothing is allocated: parameter shapes come from `transformer.abstract_params`
-and their shardings from `glm.mesh.param_specs`.
+and their shardings from `glm.parallel.mesh.param_specs`.
 
   mc = MeshConfig.parse('tensor=4,pipeline=12,data=8', zero1=True,
                         microbatches=16)
@@ -11,11 +11,11 @@ and their shardings from `glm.mesh.param_specs`.
 Per device (the most loaded one; GB = 1e9 bytes):
 
   parameters   fp32 master weights, every leaf measured exactly with
-               `glm.mesh.per_device_bytes` under its PartitionSpec (a
+               `mesh.per_device_bytes` under its PartitionSpec (a
                dimension that does not split evenly counts its largest shard).
   gradients    fp32, sharded like the parameters.
   optimizer    Adam mu and nu, fp32, two per parameter, sharded like the
-               parameters; with ZeRO-1 also over `data` (`glm.mesh.zero1_spec`).
+               parameters; with ZeRO-1 also over `data` (`mesh.zero1_spec`).
   activations  the estimate below.
 
 Activations. Letters: s sequence length; R = micro_batch / (data * fsdp) rows
@@ -46,9 +46,9 @@ AV, attention-out, FFN in and out) and the layer input; `dots_no_batch`
 dot_generals have batch dimensions. `full` keeps only the input of each
 rematerialised unit, 2*s*b*h*c: a layer without a pipeline (`nn.remat` on the
 block), a whole chunk of C layers with one (`jax.checkpoint` on the stage
-body of glm.pipelining).
+body of glm.parallel.pipeline).
 
-The pipeline (glm.pipelining) is one `lax.scan` over K = M r + S - 1 ticks;
+The pipeline (glm.parallel.pipeline) is one `lax.scan` over K = M r + S - 1 ticks;
 every stage runs its chunk at every tick (bubble ticks included) and autodiff
 keeps each tick's residuals until the backward, so a stage holds K chunk
 passes (a 1F1B schedule would hold at most S). Without a pipeline K = 1 and
@@ -97,12 +97,21 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from glm import mesh as mesh_lib
-from glm import optimizers
-from glm import transformer
-from glm.config import DTYPES, REMAT_POLICIES, ModelConfig
+from glm.errors import UserError
+from glm.model.config import DTYPES, REMAT_POLICIES, ModelConfig
+from glm.model import transformer
+from glm.parallel import mesh as mesh_lib
+from glm.training import optimizers
+from glm.training import state as state_lib
+from glm.training import step as step_lib
+
 
 GB = 1e9
+
+
+class PlanError(UserError):
+  """A plan request that cannot be answered, with the fix."""
+
 _UNITS = {'': 1, 'k': 1e3, 'm': 1e6, 'g': 1e9, 't': 1e12,
           'ki': 2 ** 10, 'mi': 2 ** 20, 'gi': 2 ** 30, 'ti': 2 ** 40}
 _SIZE = re.compile(r'^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*'
@@ -127,14 +136,14 @@ def parse_bytes(text: str | float | int) -> int:
   else:
     m = _SIZE.match(str(text))
     if not m:
-      raise ValueError(f'--device_memory {text!r} is not a size; write it as '
+      raise PlanError(f'--device_memory {text!r} is not a size; write it as '
                        '80GB, 80G, 80e9 (bytes) or 96GiB.')
     value, scale = float(m.group(1)), _UNITS[(m.group(2) or '').lower()]
     if not m.group(2) and not m.group(3) and 0 < value < 1e6:
-      raise ValueError(f'--device_memory {text!r} has no unit and would be '
+      raise PlanError(f'--device_memory {text!r} has no unit and would be '
                        f'{text} bytes; write {text}GB (1e9) or {text}GiB.')
   if not value > 0:
-    raise ValueError(f'--device_memory {text!r} must be positive, as in '
+    raise PlanError(f'--device_memory {text!r} must be positive, as in '
                      '80GB.')
   return int(round(value * scale))
 
@@ -151,7 +160,7 @@ def leaf_bytes(cfg: ModelConfig, mc: mesh_lib.MeshConfig
   optimizer (Adam mu + nu, fp32, ZeRO-1 spec when mc.zero1).
   """
   shapes = transformer.abstract_params(cfg)
-  specs = mesh_lib.param_specs(cfg)
+  specs = mesh_lib.param_specs(transformer.logical_axes(cfg))
   mesh_shape = mc.shape
   out = {}
 
@@ -234,7 +243,7 @@ def activation_bytes(cfg: ModelConfig, mc: mesh_lib.MeshConfig, *,
 
 def _check_mesh(mc: mesh_lib.MeshConfig, cfg: ModelConfig,
                 micro_batch: int) -> list[str]:
-  """glm.mesh.validate, except that an uneven layer split is a warning."""
+  """mesh.validate, except that an uneven layer split is a warning."""
   try:
     mesh_lib.validate(mc, cfg, micro_batch=micro_batch)
     return []
@@ -262,7 +271,7 @@ def plan(cfg: ModelConfig, mesh_cfg: mesh_lib.MeshConfig, *,
   micro_batch: rows per gradient-accumulation round (default: one row per
     data shard per pipeline microbatch); seq_len default cfg.max_len; remat
     default cfg.remat_policy; dtype: the compute dtype (weights stay fp32).
-  Raises ValueError (glm.mesh.MeshError for layouts) with a one-line fix.
+  Raises PlanError (mesh.MeshError for layouts) with a one-line fix.
   """
   mc = mesh_cfg
   memory = parse_bytes(device_memory)
@@ -273,15 +282,15 @@ def plan(cfg: ModelConfig, mesh_cfg: mesh_lib.MeshConfig, *,
   if micro_batch is None:
     micro_batch = mc.batch_shards * m
   if remat not in REMAT_POLICIES:
-    raise ValueError(f'remat={remat!r} is not one of {REMAT_POLICIES}.')
+    raise PlanError(f'remat={remat!r} is not one of {REMAT_POLICIES}.')
   if dtype not in DTYPES:
-    raise ValueError(f'dtype={dtype!r} is not one of {DTYPES}.')
+    raise PlanError(f'dtype={dtype!r} is not one of {DTYPES}.')
   if not 1 <= seq_len <= cfg.max_len:
-    raise ValueError(f'seq_len={seq_len} must be in [1, max_len='
+    raise PlanError(f'seq_len={seq_len} must be in [1, max_len='
                      f'{cfg.max_len}]; pass a shorter --seq_len or raise '
                      'ModelConfig.max_len.')
   if micro_batch < 1:
-    raise ValueError(f'micro_batch={micro_batch} must be >= 1.')
+    raise PlanError(f'micro_batch={micro_batch} must be >= 1.')
   warnings = _check_mesh(mc, cfg, micro_batch)
 
   leaves = leaf_bytes(cfg, mc)
@@ -370,8 +379,6 @@ def lower_train_step(cfg: ModelConfig, mc: mesh_lib.MeshConfig, *,
   mc.num_devices devices: fake them on CPU (`glm plan --lower_layers` sets
   the CPU device count before JAX starts).
   """
-  from glm import train as train_lib  # pylint: disable=g-import-not-at-top
-
   small = cfg.replace(num_layers=layers, scan_layers=True)
   mesh_lib.validate(mc, small, micro_batch=micro_batch,
                     num_devices=jax.device_count())
@@ -381,13 +388,8 @@ def lower_train_step(cfg: ModelConfig, mc: mesh_lib.MeshConfig, *,
       oc, np.full(10, micro_batch * seq_len)))
   t = time.perf_counter()
 
-  def new_state():
-    params = transformer.abstract_params(small)
-    return {'params': params, 'opt_state': opt.init(params),
-            'loss_ema': jnp.float32(0), 'bad_steps': jnp.int32(0)}
-
-  state = jax.eval_shape(new_state)
-  shardings = mesh_lib.state_shardings(state, small, mc, mesh)
+  state = state_lib.abstract_state(small, opt)
+  shardings = state_lib.state_shardings(state, small, mc, mesh)
   state = jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
       state, shardings)
@@ -397,7 +399,7 @@ def lower_train_step(cfg: ModelConfig, mc: mesh_lib.MeshConfig, *,
   batch = {k: jax.ShapeDtypeStruct(shape, dt, sharding=jax.sharding
                                    .NamedSharding(mesh, mesh_lib.batch_spec(3)))
            for k, dt in batch.items()}
-  step, _ = train_lib.make_train_step(small, opt, mesh_cfg=mc, mesh=mesh)
+  step, _ = step_lib.make_train_step(small, opt, mesh_cfg=mc, mesh=mesh)
   lowered = step.lower(state, batch)
   text = lowered.as_text()
   return {'layers': layers, 'devices': mc.num_devices,

@@ -7,6 +7,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from glm.model.layers import EMBED_AXES, dense
+
 
 @jax.custom_vjp
 def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -110,7 +112,8 @@ def _output_loss_fwd(x, w, targets, mask, vocab_size, z_loss):
 
   def chunk(d_w, inp):
     xc, tc, mc = inp
-    logits = jnp.einsum('ne,ve->nv', xc, w, preferred_element_type=f32)
+    logits = dense('ne,ve->nv', xc, w, EMBED_AXES, dtype=w.dtype,
+                   out_dtype=f32)  # [n, V]
     if vocab_size != w.shape[0]:
       logits = jnp.where(vocab < vocab_size, logits, jnp.finfo(f32).min)
     top = jnp.max(logits, -1, keepdims=True)
@@ -124,7 +127,7 @@ def _output_loss_fwd(x, w, targets, mask, vocab_size, z_loss):
         mc[:, None])
     dt = w.dtype
     d_x = jnp.einsum('nv,ve->ne', d.astype(dt), w, preferred_element_type=f32)
-    # (x^T d)^T: see layers.tied_logits for why not d^T x.
+    # (x^T d)^T: see glm.model.layers.tied_logits for why not d^T x.
     d_w = d_w + jnp.einsum('ne,nv->ev', xc, d.astype(dt),
                            preferred_element_type=f32).T
     return d_w, (loss, d_x)

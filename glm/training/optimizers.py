@@ -22,6 +22,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from glm.errors import UserError
+
+
+class OptimizerError(UserError):
+  """An optimiser or batch-ramp setting out of range, with the fix."""
+
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
@@ -41,10 +47,11 @@ class OptimizerConfig:
 
   def __post_init__(self):
     if self.learning_rate <= 0 or not 0 <= self.min_lr_ratio <= 1:
-      raise ValueError(f'learning_rate={self.learning_rate} must be > 0 and '
-                       f'min_lr_ratio={self.min_lr_ratio} in [0, 1].')
+      raise OptimizerError(f'learning_rate={self.learning_rate} must be > 0 '
+                           f'and min_lr_ratio={self.min_lr_ratio} in [0, 1].')
     if self.warmup_steps < 0 or self.warmup_tokens < 0:
-      raise ValueError('warmup_steps and warmup_tokens must be >= 0.')
+      raise OptimizerError(f'warmup_steps={self.warmup_steps} and '
+                           f'warmup_tokens={self.warmup_tokens} must be >= 0.')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,9 +68,9 @@ class BatchRamp:
     if not self.start or not self.steps:
       return sizes
     if self.start % micro_batch or self.start > batch_size:
-      raise ValueError(f'batch ramp start={self.start} must be a multiple of '
-                       f'the micro-batch {micro_batch} and <= BATCH_SIZE='
-                       f'{batch_size}.')
+      raise OptimizerError(
+          f'batch ramp start={self.start} must be a multiple of the '
+          f'micro-batch {micro_batch} and <= BATCH_SIZE={batch_size}.')
     frac = np.minimum(np.arange(train_steps) / self.steps, 1.0)
     raw = self.start + frac * (batch_size - self.start)
     return (np.floor(raw / micro_batch) * micro_batch).astype(np.int64)

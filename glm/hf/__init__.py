@@ -1,0 +1,4 @@
+"""Hugging Face interop.
+
+  bloom  BLOOM weights and configs <-> glm checkpoints (`glm convert`)
+"""
