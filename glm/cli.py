@@ -6,7 +6,7 @@
               [--remat full|dots|dots_no_batch|none] [--dtype D] [--json]
               [--lower_layers L]
   glm train   --gin_file F [--gin_file F2 ...] [--gin.NAME=VALUE ...] --workdir W
-              [--mesh data=2,tensor=2,pipeline=2]
+              [--mesh data=2,tensor=2,pipeline=2] [--accept_new_settings]
               [--coordinator_address H:P --num_processes N --process_id I]
   glm launch-local --num_processes N [--devices_per_process K] -- <train args>
   glm convert hf-to-glm --hf_dir D --out C
@@ -79,6 +79,11 @@ def _parser() -> argparse.ArgumentParser:
   train = sub.add_parser('train', help='train a model (t5x-style gin run)')
   train.add_argument('--gin_file', action='append', required=True)
   train.add_argument('--workdir', required=True)
+  train.add_argument('--accept_new_settings', action='store_true',
+                     help='resume a workdir whose run settings (batch, '
+                     'sequence length, mixture, schedule, steps, dtype) '
+                     'differ from this command\'s; the earlier config.gin '
+                     'is kept and the step of the change recorded')
   train.add_argument('--mesh', default=None,
                      help="device mesh, e.g. 'data=2,tensor=2,pipeline=2' "
                      '(sets MeshConfig in gin; default: data over all)')
@@ -209,7 +214,9 @@ def _cmd_train(args, bindings) -> None:
     bindings = [*bindings, 'train.mesh = @MeshConfig()',
                 *(f'MeshConfig.{a} = {n}' for a, n in sizes.items())]
   gin_config.parse(args.gin_file, bindings)
-  loop.train(workdir=args.workdir)
+  gin_config.check_required('train')
+  loop.train(workdir=args.workdir,
+             accept_new_settings=args.accept_new_settings)
 
 
 def _cmd_launch_local(args, bindings) -> None:
@@ -268,8 +275,26 @@ _COMMANDS = {'info': _cmd_info, 'plan': _cmd_plan, 'train': _cmd_train,
              'data': _cmd_data}
 
 
+def _quiet_closed_loop(hook):
+  """An unraisable-exception hook that drops asyncio's 'Event loop is
+  closed' errors.
+
+  When one array of an orbax checkpoint fails to read, orbax closes its
+  event loop while TensorStore still completes the other reads; their
+  callbacks then fail on TensorStore's threads and Python reports each as
+  an unraisable exception, after glm has already named the real problem.
+  """
+  def quiet(unraisable):
+    exc = unraisable.exc_value
+    if isinstance(exc, RuntimeError) and str(exc) == 'Event loop is closed':
+      return
+    hook(unraisable)
+  return quiet
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
+  sys.unraisablehook = _quiet_closed_loop(sys.unraisablehook)
   own = argv.index('--') if 'launch-local' in argv[:1] and '--' in argv else (
       len(argv))  # launch-local passes everything after -- to train
   bindings = [a[len('--gin.'):] for a in argv[:own] if a.startswith('--gin.')]

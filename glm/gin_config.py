@@ -7,10 +7,13 @@ fix, raised as `GinError`.
 
 from __future__ import annotations
 
+import difflib
+import glob
+import inspect
 import logging
 import os
 import re
-from typing import Sequence
+from typing import Any, Sequence
 
 import gin
 
@@ -84,6 +87,75 @@ def parse(gin_files: Sequence[str], bindings: Sequence[str]) -> None:
     raise GinError(_explain(e, bindings)) from None
   finally:
     root_logger.setLevel(level)
+  _check_macro_bindings(bindings)
+
+
+def _nearest(name: str, choices) -> str:
+  near = difflib.get_close_matches(name, sorted(choices), n=1, cutoff=0.5)
+  return f'; did you mean {near[0]}?' if near else ''  # ends the message
+
+
+def _referenced_macros() -> set[str]:
+  """Names of the macros some binding of the parsed config refers to."""
+  used = set()
+
+  def walk(value: Any) -> None:
+    if isinstance(value, gin.config.ConfigurableReference):
+      selector = value.scoped_selector
+      if selector.endswith('/gin.macro'):
+        used.add(selector[:-len('/gin.macro')])
+    elif isinstance(value, (list, tuple, set)):
+      for v in value:
+        walk(v)
+    elif isinstance(value, dict):
+      for v in value.values():
+        walk(v)
+
+  for params in gin.config._CONFIG.values():  # pylint: disable=protected-access
+    walk(params)
+  return used
+
+
+def _check_macro_bindings(bindings: Sequence[str]) -> None:
+  """A command-line NAME=VALUE (no dot: a macro) must be one the config
+  uses; gin itself accepts any macro, so a misspelt TRAIN_STEPZ would be
+  ignored and the run would go on with the default."""
+  used = _referenced_macros()
+  for b in bindings:
+    name = b.split('=', 1)[0].strip()
+    if '.' in name or '/' in name or name in used:
+      continue
+    hint = _nearest(name, used) or (
+        f'; the macros this config uses are {", ".join(sorted(used))}.'
+        if used else '; this config uses no macros.')
+    raise GinError(f'--gin.{name}=... sets a macro that no gin file '
+                   f'uses{hint}')
+
+
+def check_required(configurable: str) -> None:
+  """Every gin.REQUIRED parameter of `configurable` is bound, or one
+  GinError names the missing ones and the run files that bind them."""
+  match = gin.config._REGISTRY.get_match(configurable)  # pylint: disable=protected-access
+  required = [n for n, p in inspect.signature(match.wrapped).parameters
+              .items() if p.default is gin.REQUIRED]
+  missing = []
+  for name in required:
+    try:
+      gin.query_parameter(f'{configurable}.{name}')
+    except ValueError:
+      missing.append(f'{configurable}.{name}')
+  if not missing:
+    return
+  root = configs_root()
+  runs = sorted(os.path.basename(f) for f in glob.glob(
+      os.path.join(root, 'runs', '*.gin'))) if root else []
+  provide = (f'; the run files in configs/runs/ bind them ({", ".join(runs)}): '
+             'pass one first, then model files and bindings, as in '
+             '--gin_file configs/runs/default.gin --gin_file '
+             'configs/models/tiny_glm.gin' if runs else
+             '; pass a run file (configs/runs/*.gin in a checkout)')
+  raise GinError(f'the gin files bind no {", ".join(missing)} (a model file '
+                 f'alone is not a run){provide}.')
 
 
 def _explain(e: Exception, bindings: Sequence[str]) -> str:
@@ -95,15 +167,17 @@ def _explain(e: Exception, bindings: Sequence[str]) -> str:
             f'--gin.{m.group(1)}=VALUE or bind it in a gin file.')
   m = re.search(r"No configurable matching '([^']+)'", msg)
   if m:
-    known = ', '.join(sorted(_known_configurables()))
-    return (f'unknown gin configurable {m.group(1)!r}; check the spelling '
-            f'(known: {known}).')
+    known = _known_configurables()
+    hint = _nearest(m.group(1), known) or (
+        f'; known: {", ".join(sorted(known))}.')
+    return f'unknown gin configurable {m.group(1)!r}{hint}'
   m = re.search(r"Configurable '([^']+)' doesn't have a parameter named "
                 r"'([^']+)'", msg)
   if m:
+    hint = (_nearest(m.group(2), _parameters(m.group(1)))
+            or '; check the spelling.')
     return (f'unknown gin binding {m.group(1)}.{m.group(2)}: '
-            f'{m.group(1)} has no parameter {m.group(2)!r}; check the '
-            'spelling.')
+            f'{m.group(1)} has no parameter {m.group(2)!r}{hint}')
   m = re.search(r"No bindings specified for '([^'/]+)/gin.macro'", msg)
   if m:
     return (f'gin macro {m.group(1)} is used but never defined; pass '
@@ -114,6 +188,17 @@ def _explain(e: Exception, bindings: Sequence[str]) -> str:
     return (f'gin syntax error in {where.strip()!r}: {e.args[0]} (bindings '
             'look like NAME=VALUE, strings quoted).')
   return f'gin: {first}'
+
+
+def _parameters(configurable: str) -> list[str]:
+  """The parameter names gin can bind on `configurable`."""
+  try:
+    match = gin.config._REGISTRY.get_match(configurable)  # pylint: disable=protected-access
+    params = inspect.signature(match.wrapped).parameters
+  except (ValueError, TypeError, AttributeError):
+    return []
+  deny = set(match.denylist or ())
+  return [n for n in params if n not in deny and n != 'self']
 
 
 def _known_configurables() -> list[str]:

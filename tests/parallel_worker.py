@@ -111,8 +111,11 @@ def make_batches(family: str, steps: int) -> list[dict[str, np.ndarray]]:
 
 
 def optimizer():
+  # eps well above the gradients' rounding noise: with eps 1e-8, Adam's
+  # first step moves every weight by ~lr * sign(g), so a gradient that is
+  # zero up to rounding gets a +-lr update whose sign is the noise.
   oc = optimizers.OptimizerConfig(learning_rate=1e-2, warmup_steps=1,
-                                  weight_decay=0.1)
+                                  weight_decay=0.1, eps=1e-4)
   return optimizers.make_optimizer(oc, optimizers.lr_table(
       oc, np.full(STEPS, BATCH * LENGTH)))
 

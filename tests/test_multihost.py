@@ -45,7 +45,7 @@ def test_two_processes_equal_one(tmp_path, data_dir):
   # The collective checkpoint restores: a longer run resumes from step 4.
   more = run(['launch-local', '--num_processes', '2', '--',
               *train_args(tmp_path / 'two', data_dir),
-              '--gin.TRAIN_STEPS=5'])
+              '--gin.TRAIN_STEPS=5', '--accept_new_settings'])
   assert more.returncode == 0, more.stdout[-3000:]
   assert 'resumed from step 4' in more.stdout
 

@@ -39,8 +39,9 @@ def test_train_resume_and_score(tmp_path, data_dir):
   final = json.loads((workdir / 'final.json').read_text())
   assert np.isfinite(final['eval_loss'])
 
-  # Same command with more steps resumes from the step-4 checkpoint.
-  out = glm(*common, '--gin.TRAIN_STEPS=6')
+  # More steps is a new setting: accepted when asked, from the step-4
+  # checkpoint.
+  out = glm(*common, '--gin.TRAIN_STEPS=6', '--accept_new_settings')
   assert out.returncode == 0, out.stderr[-3000:]
   assert 'resumed from step 4' in out.stdout
   rows = [json.loads(l) for l in open(workdir / 'metrics.jsonl')]

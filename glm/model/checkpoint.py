@@ -100,16 +100,25 @@ def read_manifest(path: str) -> dict:
     raise CheckpointError(
         f'{path!r} is not a glm checkpoint (no {MANIFEST}); pass a folder '
         'written by `glm train` or `glm convert hf-to-glm`.')
-  with open(manifest_path) as f:
-    manifest = json.load(f)
-  if manifest.get('format') != FORMAT:
+  try:
+    with open(manifest_path) as f:
+      manifest = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise CheckpointError(f'{manifest_path!r} is not valid JSON ({e}); the '
+                          'checkpoint is damaged: export it again.') from None
+  if not isinstance(manifest, dict) or manifest.get('format') != FORMAT:
+    manifest = manifest if isinstance(manifest, dict) else {}
     raise CheckpointError(f'{path!r} has format {manifest.get("format")!r}, '
                           f'this glm reads {FORMAT!r}.')
   return manifest
 
 
 def load_config(path: str) -> ModelConfig:
-  return ModelConfig.from_dict(read_manifest(path)['model_config'])
+  config = read_manifest(path).get('model_config')
+  if not isinstance(config, dict):
+    raise CheckpointError(f'{path!r} has no model_config in {MANIFEST}; the '
+                          'checkpoint is damaged: export it again.')
+  return ModelConfig.from_dict(config)
 
 
 def tokenizer_path(path: str) -> str | None:
@@ -123,8 +132,17 @@ def load(path: str) -> tuple[ModelConfig, Any]:
   target = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype),
                         transformer.abstract_params(cfg))
   ckptr = ocp.PyTreeCheckpointer()
-  params = ckptr.restore(os.path.join(os.path.abspath(path), 'params'),
-                         item=target)
+  try:
+    params = ckptr.restore(os.path.join(os.path.abspath(path), 'params'),
+                           item=target)
+  except Exception as e:  # pylint: disable=broad-except
+    # orbax and tensorstore raise many types for a missing or truncated
+    # file; all mean the same to the user.
+    why = ' '.join(str(e).split())[:200]
+    raise CheckpointError(
+        f'the weights in {os.path.join(path, "params")!r} do not restore '
+        f'({type(e).__name__}: {why}); the checkpoint is damaged: export or '
+        'convert it again.') from None
   _check_structure(target, params, where=f'checkpoint {path!r}')
   return cfg, params
 

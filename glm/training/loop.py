@@ -39,6 +39,7 @@ from glm.model.config import ModelConfig
 from glm.model import info as model_info
 from glm.model import transformer
 from glm.parallel import mesh as mesh_lib
+from glm.training import checkpoints
 from glm.training import optimizers
 from glm.training import state as state_lib
 from glm.training import step as step_lib
@@ -69,6 +70,8 @@ class Run:
   policy: FailurePolicy
   mesh_cfg: mesh_lib.MeshConfig
   mesh: jax.sharding.Mesh | None   # None on one device
+  settings: dict                   # what run.json records and compares
+  changes: list[str]               # settings that differ from the workdir's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +82,7 @@ class RunData:
   eval_sets: dict[str, list[dict[str, np.ndarray]]]
 
 
-@gin.configurable(denylist=['workdir'])
+@gin.configurable(denylist=['workdir', 'accept_new_settings'])
 def train(*, workdir: str,
           model_config: ModelConfig = gin.REQUIRED,
           train_steps: int = gin.REQUIRED,
@@ -102,29 +105,39 @@ def train(*, workdir: str,
           sample_prompt: str = 'The command',
           sample_tokens: int = 32,
           keep_checkpoints: int = 2,
-          mesh: mesh_lib.MeshConfig | None = None) -> dict[str, Any]:
+          mesh: mesh_lib.MeshConfig | None = None,
+          accept_new_settings: bool = False) -> dict[str, Any]:
   """Trains on a task mixture; returns final metrics.
 
   `data` is a `glm.data.pipeline.DataConfig` (default: causal LM only);
   `init_checkpoint` a glm checkpoint folder to fine-tune from; `peak_flops`
   a number, a name in PEAK_FLOPS, or None to measure a matmul here; `mesh`
-  the device mesh (default: data parallel over every device).
+  the device mesh (default: data parallel over every device);
+  `accept_new_settings` lets a resume change the run's settings (not gin:
+  `glm train --accept_new_settings`).
   """
   opt_cfg = optimizer or optimizers.OptimizerConfig()
+  ramp = batch_ramp or optimizers.BatchRamp()
+  data = data or pipeline.DataConfig()
   run = resolve(
       workdir, model_config, init_checkpoint=init_checkpoint,
       train_steps=train_steps, batch_size=batch_size, seq_len=seq_len,
       checkpoint_every=checkpoint_every, log_every=log_every,
-      eval_every=eval_every, micro_batch_size=micro_batch_size,
-      ramp=batch_ramp or optimizers.BatchRamp(),
+      eval_every=eval_every, micro_batch_size=micro_batch_size, ramp=ramp,
       policy=failure_policy or FailurePolicy(), seed=seed, mesh=mesh,
-      tokenizer_vocab_size=tokenizer_vocab_size, peak_flops=peak_flops)
-  data = data or pipeline.DataConfig()
+      tokenizer_vocab_size=tokenizer_vocab_size, peak_flops=peak_flops,
+      recorded={'data': dataclasses.asdict(data),
+                'optimizer': dataclasses.asdict(opt_cfg),
+                'batch_ramp': dataclasses.asdict(ramp),
+                'tokenizer_vocab_size': tokenizer_vocab_size,
+                'init_checkpoint': init_checkpoint},
+      accept_new_settings=accept_new_settings)
   run_data = build_data(run, data, data_dir=data_dir,
                         tokenizer_vocab_size=tokenizer_vocab_size,
                         eval_batches=eval_batches)
-  files = workdir_lib.RunFiles(run.workdir, run.cfg, gin.operative_config_str())
-  lrs = optimizers.lr_table(opt_cfg, run.batch_sizes * run.seq_len)
+  files = workdir_lib.RunFiles(run.workdir)
+  tokens = run.batch_sizes * run.seq_len
+  lrs = optimizers.lr_table(opt_cfg, tokens)
   opt = optimizers.make_optimizer(opt_cfg, lrs)
   state = state_lib.init_state(
       run.cfg, opt, seed=run.seed, params=_init_params(run, init_checkpoint),
@@ -132,22 +145,25 @@ def train(*, workdir: str,
   train_step, eval_step = step_lib.make_train_step(
       run.cfg, opt, z_loss=opt_cfg.z_loss, policy=run.policy,
       mesh_cfg=run.mesh_cfg, mesh=run.mesh)
-  manager = ocp.CheckpointManager(
-      files.path('checkpoints'),
-      options=ocp.CheckpointManagerOptions(
-          max_to_keep=keep_checkpoints, create=True,
-          enable_async_checkpointing=True))
-  state, start = restore(manager, state, run.workdir)
+  manager = checkpoints.open_manager(run.workdir, keep_checkpoints)
+  state, start = checkpoints.restore_latest(manager, state)
+  files.record_config(run.cfg, run.settings, gin.operative_config_str(),
+                      start, run.changes)
   files.resume_at(start)
-  flops, peak = announce(run, data, peak_flops)
+  flops, peak = announce(run, data, peak_flops,
+                         optimizers.warmup_note(opt_cfg, tokens, lrs))
+  evaluated = {r['step']: r['all'] for r in files.read('eval.jsonl')}
 
   def evaluate(params, step: int) -> float:
-    put = ((lambda b: {k: jnp.asarray(v) for k, v in b.items()})
-           if run.mesh is None else
-           (lambda b: mesh_lib.put_global(b, run.mesh)))
-    row = heldout.evaluate(eval_step, params, run_data.eval_sets, put)
-    files.log('eval.jsonl', {'step': step, **row}, 'eval')
-    return row['all']
+    """Held-out loss at `step`, computed once per step and run."""
+    if step not in evaluated:
+      put = ((lambda b: {k: jnp.asarray(v) for k, v in b.items()})
+             if run.mesh is None else
+             (lambda b: mesh_lib.put_global(b, run.mesh)))
+      row = heldout.evaluate(eval_step, params, run_data.eval_sets, put)
+      files.log('eval.jsonl', {'step': step, **row}, 'eval')
+      evaluated[step] = row['all']
+    return evaluated[step]
 
   t_start = time.time()
   state, loss, skipped = loop(run, state, start, train_step,
@@ -165,8 +181,12 @@ def resolve(workdir: str, model_config: ModelConfig, *,
             eval_every: int, micro_batch_size: int,
             ramp: optimizers.BatchRamp, policy: FailurePolicy, seed: int,
             mesh: mesh_lib.MeshConfig | None, tokenizer_vocab_size: int,
-            peak_flops: float | str | None) -> Run:
-  """Checks every setting before any work; raises TrainError with the fix."""
+            peak_flops: float | str | None, recorded: dict,
+            accept_new_settings: bool) -> Run:
+  """Checks every setting before any work; raises TrainError with the fix.
+
+  `recorded`: further settings that run.json records and a resume compares.
+  """
   cfg = model_config
   if init_checkpoint:
     # Fine-tuning: the architecture comes from the self-describing checkpoint;
@@ -210,14 +230,20 @@ def resolve(workdir: str, model_config: ModelConfig, *,
     raise TrainError(str(e)) from None
   batch_sizes = ramp.batch_sizes(batch_size, micro, train_steps)
   workdir = os.path.abspath(workdir)
-  workdir_lib.check_workdir(workdir, cfg)
+  settings = {'train_steps': train_steps, 'batch_size': batch_size,
+              'micro_batch_size': micro, 'seq_len': seq_len, 'seed': seed,
+              **{k: getattr(cfg, k) for k in workdir_lib.NUMERICS},
+              **recorded}
+  changes = workdir_lib.check_workdir(workdir, cfg, settings,
+                                      accept_new_settings=accept_new_settings)
   return Run(workdir=workdir, cfg=cfg, train_steps=train_steps,
              batch_sizes=batch_sizes, batch_size=batch_size, micro=micro,
              seq_len=seq_len, seed=seed, log_every=log_every,
              eval_every=eval_every, checkpoint_every=checkpoint_every,
              policy=policy, mesh_cfg=mesh_cfg,
              mesh=(mesh_lib.make_mesh(mesh_cfg)
-                   if mesh_cfg.num_devices > 1 else None))
+                   if mesh_cfg.num_devices > 1 else None),
+             settings=settings, changes=changes)
 
 
 def build_data(run: Run, data: pipeline.DataConfig, *, data_dir: str,
@@ -268,19 +294,6 @@ def _init_params(run: Run, init_checkpoint: str | None) -> Any:
   return jax.tree.map(jnp.asarray, params)
 
 
-def restore(manager: ocp.CheckpointManager, state: dict,
-            workdir: str) -> tuple[dict, int]:
-  """The latest complete checkpoint (restored straight into this run's
-  shardings, whatever mesh saved it) and its step; else (state, 0)."""
-  latest = manager.latest_step()
-  if latest is None:
-    return state, 0
-  state = manager.restore(latest, args=ocp.args.StandardRestore(state))
-  print(f'glm train: resumed from step {latest} in {workdir}/checkpoints',
-        flush=True)
-  return state, latest
-
-
 def measure_peak_flops(dtype: str, n: int = 2048, repeats: int = 5) -> float:
   """FLOP/s of a large square matmul in the compute dtype on this machine
   (the best of `repeats` timings, so a busy moment does not lower it)."""
@@ -297,7 +310,8 @@ def measure_peak_flops(dtype: str, n: int = 2048, repeats: int = 5) -> float:
 
 
 def announce(run: Run, data: pipeline.DataConfig,
-             peak_flops: float | str | None) -> tuple[float, float]:
+             peak_flops: float | str | None,
+             warning: str | None = None) -> tuple[float, float]:
   """Prints what the run is; returns (training FLOPs per token, peak)."""
   info = model_info.info(run.cfg, run.seq_len)
   if peak_flops is None:
@@ -326,6 +340,12 @@ def announce(run: Run, data: pipeline.DataConfig,
       print(f'glm train: process {jax.process_index()} builds rows '
             f'{mine[0]}..{mine[-1]} ({len(mine)} of {run.micro}) of each '
             'micro-batch', flush=True)
+  if run.changes:
+    print(f'glm train: going on with new settings from this step: '
+          f'{"; ".join(run.changes)} (the earlier config.gin is in '
+          f'{run.workdir}/config_history/)', flush=True)
+  if warning:
+    print(f'glm train: warning: {warning}', flush=True)
   return info['flops_per_token'], peak
 
 
@@ -336,47 +356,65 @@ def loop(run: Run, state: dict, start: int, train_step: Callable, *,
          ) -> tuple[dict, float | None, int]:
   """Steps `start` .. train_steps: step, log, evaluate, checkpoint; a save
   and exit 128 + signal on SIGTERM / SIGINT. Returns (state, last logged
-  loss, skipped steps)."""
+  loss, skipped steps).
+
+  The host reads a step's outcome (skipped or not) only after it has
+  dispatched the next step, so the device never waits for the host between
+  steps; it waits only where the loop logs, evaluates or checkpoints. Time
+  spent evaluating and checkpointing is left out of the logged tokens/s.
+  """
   progress = workdir_lib.Progress(run.train_steps)
   if start >= run.train_steps:
     progress.message(f'glm train: already at step {start} of '
                      f'{run.train_steps}; evaluating only.')
   dropout_key = jax.random.fold_in(jax.random.PRNGKey(run.seed), 1)
-  clock = {'time': time.time(), 'step': start}
-  loss, skipped = None, 0
+  clock = {'time': time.time(), 'step': start, 'paused': 0.0}
+  loss, skipped, pending = None, [0], None
   with workdir_lib.preemption_flag() as preempted:
     for step in range(start, run.train_steps):
       rng = (jax.random.fold_in(dropout_key, step)
              if run.cfg.dropout_rate > 0 else None)
       state, m = train_step(state, batch_fn(step), rng)
       done = step + 1
-      if bool(m['skipped']):
-        skipped += 1
-        _handle_bad_step(run, state, m, done, manager, progress)
+      if pending is not None:
+        _check_step(run, *pending, manager, progress, skipped)
+      pending = (done, m)
       if (done % run.log_every == 0 or done == run.train_steps
           or done == start + 1):
+        _check_step(run, *pending, manager, progress, skipped)
+        pending = None
         loss = _log_step(run, m, step, start, clock, files, progress, lrs,
-                         flops_per_token, peak, skipped)
-      if run.eval_every and done % run.eval_every == 0:
-        evaluate(state['params'], done)
-      if done % run.checkpoint_every == 0 or done == run.train_steps:
-        manager.save(done, args=ocp.args.StandardSave(state))
+                         flops_per_token, peak, skipped[0])
+      due_eval = bool(run.eval_every) and done % run.eval_every == 0
+      due_save = done % run.checkpoint_every == 0 or done == run.train_steps
+      if due_eval or due_save:
+        jax.block_until_ready(m['loss'])  # the step's own time ends here
+        t = time.time()
+        if due_eval:
+          evaluate(state['params'], done)
+        if due_save:
+          manager.save(done, args=ocp.args.StandardSave(state))
+        clock['paused'] += time.time() - t
       if preempted['signal'] is not None:
         _save_and_exit(run, state, done, preempted['signal'], manager, files,
                        progress)
+  if pending is not None:
+    _check_step(run, *pending, manager, progress, skipped)
   manager.wait_until_finished()
-  return state, loss, skipped
+  return state, loss, skipped[0]
 
 
-def _handle_bad_step(run: Run, state: dict, m: dict, done: int,
-                     manager: ocp.CheckpointManager,
-                     progress: workdir_lib.Progress) -> None:
+def _check_step(run: Run, done: int, m: dict, manager: ocp.CheckpointManager,
+                progress: workdir_lib.Progress, skipped: list[int]) -> None:
   """Reports a skipped update; stops after too many in a row."""
+  if not bool(m['skipped']):
+    return
+  skipped[0] += 1
   reason = 'non-finite loss or gradients' if bool(m['nonfinite']) else (
       'a loss spike')
   progress.message(f'glm train: step {done}: skipped the update '
                    f'({reason}, loss {float(m["loss"]):.4g}).')
-  if int(state['bad_steps']) >= run.policy.max_bad_steps:
+  if int(m['bad_steps']) >= run.policy.max_bad_steps:
     manager.wait_until_finished()
     raise TrainError(
         f'{run.policy.max_bad_steps} consecutive bad steps up to step '
@@ -394,8 +432,9 @@ def _log_step(run: Run, m: dict, step: int, start: int, clock: dict,
   jax.block_until_ready(m['loss'])
   done = step + 1
   now = time.time()
-  dt = (now - clock['time']) / max(done - clock['step'], 1)
-  clock.update(time=now, step=done)
+  busy = now - clock['time'] - clock['paused']
+  dt = busy / max(done - clock['step'], 1)
+  clock.update(time=now, step=done, paused=0.0)
   loss = float(m['loss'])
   tokens = int(run.batch_sizes[step]) * run.seq_len
   tps = tokens / dt if dt > 0 else 0.0

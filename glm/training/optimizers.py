@@ -77,25 +77,50 @@ class BatchRamp:
 
 
 def lr_table(cfg: OptimizerConfig, tokens_per_step: np.ndarray) -> np.ndarray:
-  """[steps] learning rate of every step, with warmup counted in tokens when
-  `warmup_tokens` is set (else steps) and cosine decay over the run's tokens.
+  """[steps] learning rate of every step: a linear warmup from `init_lr`,
+  counted in tokens when `warmup_tokens` is set (else steps), then cosine
+  decay to `min_lr_ratio` x peak over the rest of the run's tokens.
+
+  Step s trains at the rate reached after its own share of the warmup, so
+  the first step already moves (a warmup of W steps from 0 gives peak / W,
+  not 0) and the peak comes at step W - 1. A warmup longer than the run is
+  kept as configured (the run ends before the peak): see `warmup_note`.
   """
-  steps = len(tokens_per_step)
-  seen = np.concatenate([[0], np.cumsum(tokens_per_step)[:-1]]).astype(float)
-  total = float(np.sum(tokens_per_step))
+  tokens = np.asarray(tokens_per_step, float)
+  after = np.cumsum(tokens)          # tokens seen once step s is done
+  before = after - tokens            # tokens seen when step s starts
+  total = float(after[-1]) if len(tokens) else 0.0
   if cfg.warmup_tokens:
-    warm = np.minimum(seen / cfg.warmup_tokens, 1.0)
+    warm = np.minimum(after / cfg.warmup_tokens, 1.0)
     warm_end = float(cfg.warmup_tokens)
+  elif cfg.warmup_steps:
+    warm = np.minimum((np.arange(len(tokens)) + 1) / cfg.warmup_steps, 1.0)
+    warm_end = (float(before[cfg.warmup_steps])
+                if cfg.warmup_steps < len(tokens) else total)
   else:
-    warm_steps = max(min(cfg.warmup_steps, steps - 1), 0)
-    warm = (np.minimum(np.arange(steps) / warm_steps, 1.0) if warm_steps
-            else np.ones(steps))
-    warm_end = float(seen[warm_steps]) if warm_steps else 0.0
+    warm, warm_end = np.ones(len(tokens)), 0.0
   peak, low = cfg.learning_rate, cfg.learning_rate * cfg.min_lr_ratio
-  progress = np.clip((seen - warm_end) / max(total - warm_end, 1.0), 0, 1)
+  progress = np.clip((before - warm_end) / max(total - warm_end, 1.0), 0, 1)
   cosine = low + 0.5 * (peak - low) * (1 + np.cos(math.pi * progress))
   lr = np.where(warm < 1.0, cfg.init_lr + warm * (peak - cfg.init_lr), cosine)
   return lr.astype(np.float32)
+
+
+def warmup_note(cfg: OptimizerConfig, tokens_per_step: np.ndarray,
+                lrs: np.ndarray) -> str | None:
+  """A one-line warning when the warmup does not end within the run."""
+  steps, total = len(tokens_per_step), int(np.sum(tokens_per_step))
+  if cfg.warmup_tokens > total:
+    what = f'warmup_tokens={cfg.warmup_tokens:,} is more than the run\'s '
+    what += f'{total:,} tokens'
+  elif cfg.warmup_steps > steps:
+    what = f'warmup_steps={cfg.warmup_steps} is longer than the run '
+    what += f'({steps} steps)'
+  else:
+    return None
+  return (f'{what}: the learning rate rises to {float(lrs[-1]):.3g} at the '
+          f'last step and never reaches its peak {cfg.learning_rate:.3g}; '
+          'shorten the warmup or train longer.')
 
 
 def decay_mask(params, decay_embeddings: bool):

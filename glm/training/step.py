@@ -48,8 +48,13 @@ def make_model(cfg: ModelConfig, mesh_cfg: mesh_lib.MeshConfig | None = None,
 def make_train_step(cfg: ModelConfig, opt: optax.GradientTransformation, *,
                     z_loss: float = 0.0, policy: FailurePolicy = FailurePolicy(),
                     mesh_cfg: mesh_lib.MeshConfig | None = None,
-                    mesh: jax.sharding.Mesh | None = None):
+                    mesh: jax.sharding.Mesh | None = None,
+                    donate: bool = True):
   """Returns jitted (train_step, eval_step); see the module docstring.
+
+  The train step donates its input state (`donate`): parameters and
+  optimiser moments are updated in place instead of being held twice, so
+  a state passed in must not be used again (use the one returned).
 
   With a `mesh`, both run sharded: parameters, gradients and optimiser state
   as `glm.training.state.state_shardings` says (FSDP, ZeRO-1, tensor,
@@ -76,16 +81,17 @@ def make_train_step(cfg: ModelConfig, opt: optax.GradientTransformation, *,
         params, micro, rng)
     return total, count, grads
 
-  def train_step(state, batch, rng=None):
-    """rng: the step's dropout key (fold_in(seed key, step)), or None."""
-    params = state['params']
+  def accumulate(params, batch, rng):
+    """Summed loss, token count and gradients over the A micro-batches."""
     num_micro = jax.tree.leaves(batch)[0].shape[0]
+    key = lambda i: None if rng is None else jax.random.fold_in(rng, i)
+    if num_micro == 1:  # no zeroed accumulator, no loop
+      return micro_grads(params, jax.tree.map(lambda x: x[0], batch), key(0))
 
     def body(carry, xs):
       micro, i = xs
       total, count, grads = carry
-      key = None if rng is None else jax.random.fold_in(rng, i)
-      t, c, g = micro_grads(params, micro, key)
+      t, c, g = micro_grads(params, micro, key(i))
       return (total + t, count + c,
               jax.tree.map(jnp.add, grads, g)), None
 
@@ -93,6 +99,12 @@ def make_train_step(cfg: ModelConfig, opt: optax.GradientTransformation, *,
     (total, count, grads), _ = jax.lax.scan(
         body, (jnp.float32(0), jnp.float32(0), zeros),
         (batch, jnp.arange(num_micro)))
+    return total, count, grads
+
+  def train_step(state, batch, rng=None):
+    """rng: the step's dropout key (fold_in(seed key, step)), or None."""
+    params = state['params']
+    total, count, grads = accumulate(params, batch, rng)
     count = jnp.maximum(count, 1.0)
     loss = total / count
     grads = jax.tree.map(lambda g: g / count, grads)
@@ -104,29 +116,33 @@ def make_train_step(cfg: ModelConfig, opt: optax.GradientTransformation, *,
     spike = ((policy.spike_factor > 0) & (ema > 0)
              & (loss > policy.spike_factor * ema))
     ok = finite & ~spike
-    safe_grads = jax.tree.map(lambda g: jnp.where(finite, g, 0.0), grads)
-    updates, new_opt = opt.update(safe_grads, state['opt_state'], params)
-    new_params = optax.apply_updates(params, updates)
-    keep = lambda new, old: jax.tree.map(
-        lambda n, o: jnp.where(ok, n, o), new, old)
-    new_ema = jnp.where(ema > 0, policy.ema_decay * ema
-                        + (1 - policy.ema_decay) * loss, loss)
-    new_state = {
-        'params': keep(new_params, params),
-        'opt_state': keep(new_opt, state['opt_state']),
-        'loss_ema': jnp.where(ok, new_ema, ema),
-        'bad_steps': jnp.where(ok, 0, state['bad_steps'] + 1),
-    }
+
+    def update(_):
+      updates, new_opt = opt.update(grads, state['opt_state'], params)
+      new_ema = jnp.where(ema > 0, policy.ema_decay * ema
+                          + (1 - policy.ema_decay) * loss, loss)
+      return optax.apply_updates(params, updates), new_opt, new_ema
+
+    # A bad step runs no optimiser update at all (one branch executes), and
+    # leaves parameters, moments and the loss mean as they were.
+    new_params, new_opt, new_ema = jax.lax.cond(
+        ok, update, lambda _: (params, state['opt_state'], ema), None)
+    bad_steps = jnp.where(ok, 0, state['bad_steps'] + 1)
+    new_state = {'params': new_params, 'opt_state': new_opt,
+                 'loss_ema': new_ema, 'bad_steps': bad_steps}
     return new_state, {'loss': loss, 'grad_norm': grad_norm, 'skipped': ~ok,
-                       'nonfinite': ~finite, 'tokens': count}
+                       'nonfinite': ~finite, 'tokens': count,
+                       'bad_steps': bad_steps}
 
   def eval_step(params, batch):
     logits = model.apply({'params': params}, batch)
     return losses.cross_entropy(logits, batch['targets'], batch['loss_mask'])
 
   if not sharded:
-    return jax.jit(train_step), jax.jit(eval_step)
-  return (ShardedStep(train_step, cfg, mesh_cfg, mesh, state_out=True),
+    return (jax.jit(train_step, donate_argnums=0 if donate else ()),
+            jax.jit(eval_step))
+  return (ShardedStep(train_step, cfg, mesh_cfg, mesh, state_out=True,
+                      donate=donate),
           ShardedStep(eval_step, cfg, mesh_cfg, mesh, state_out=False))
 
 
@@ -137,9 +153,10 @@ class ShardedStep:
   computed from the first state it sees); inputs keep theirs.
   """
 
-  def __init__(self, fn, cfg, mesh_cfg, mesh, *, state_out: bool):
+  def __init__(self, fn, cfg, mesh_cfg, mesh, *, state_out: bool,
+               donate: bool = False):
     self.fn, self.cfg, self.mesh_cfg, self.mesh = fn, cfg, mesh_cfg, mesh
-    self.state_out = state_out
+    self.state_out, self.donate = state_out, donate
     self.jitted = None
 
   def _jit(self, state):
@@ -147,7 +164,8 @@ class ShardedStep:
     if self.state_out:
       out = (state_lib.state_shardings(state, self.cfg, self.mesh_cfg,
                                        self.mesh), None)
-    return jax.jit(self.fn, out_shardings=out)
+    return jax.jit(self.fn, out_shardings=out,
+                   donate_argnums=0 if self.donate else ())
 
   def __call__(self, *args):
     if self.jitted is None:
