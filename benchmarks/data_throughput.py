@@ -27,7 +27,6 @@ from glm.data import pipeline
 from glm import gin_config
 from glm.model.config import ModelConfig
 from glm.model import transformer
-from glm.training import loop
 from glm.training import optimizers
 from glm.training import state as state_lib
 from glm.training import step as step_lib

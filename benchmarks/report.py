@@ -24,13 +24,17 @@ def yardstick_parser(doc: str, out_name: str) -> argparse.ArgumentParser:
   return p
 
 
-def write(rows: dict, out: str) -> None:
-  """Prints the float metrics as a table and writes every row as JSON."""
-  print(f'{"metric":<32}{"value":>16}')
-  for k, v in rows.items():
-    if isinstance(v, float):
-      print(f'{k:<32}{v:>16.4g}')
-  os.makedirs(os.path.dirname(out), exist_ok=True)
-  with open(out, 'w') as f:
-    json.dump(rows, f, indent=2)
-  print(f'wrote {out}')
+def write(rows: dict, out: str | None, extra: dict | None = None) -> None:
+  """Prints the float metrics of `rows` as a table; writes `extra` (or,
+  without it, every row) as JSON to `out` when given."""
+  if rows:
+    width = max(32, 2 + max(len(k) for k in rows))
+    print(f'{"metric":<{width}}{"value":>12}')
+    for k, v in rows.items():
+      if isinstance(v, float):
+        print(f'{k:<{width}}{v:>12.4g}')
+  if out:
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, 'w') as f:
+      json.dump(rows if extra is None else extra, f, indent=2)
+    print(f'wrote {out}')

@@ -14,7 +14,6 @@ Defaults are the project's yardstick shape: vocab 8192, hidden 256, 4 layers,
 
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 

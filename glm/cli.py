@@ -70,6 +70,10 @@ def _parser() -> argparse.ArgumentParser:
                     help='none, full, dots or dots_no_batch (default: the '
                     "model's remat_policy)")
   plan.add_argument('--dtype', default='bfloat16', help='compute dtype')
+  plan.add_argument('--param_dtype', default=None,
+                    help='training weights and gradients: float32, or '
+                    'bfloat16 with fp32 master weights in the optimiser '
+                    "state (default: the model's param_dtype)")
   plan.add_argument('--json', action='store_true',
                     help='print a JSON object instead of the table')
   plan.add_argument('--lower_layers', type=int, default=0,
@@ -175,16 +179,19 @@ def _cmd_plan(args, bindings) -> None:
   if args.microbatches is not None:
     overrides['microbatches'] = args.microbatches
   mc = mesh.MeshConfig.parse(args.mesh, **overrides)
-  result = plan.plan(ModelConfig(), mc, device_memory=args.device_memory,
-                     micro_batch=args.micro_batch, seq_len=args.seq_len,
-                     remat=args.remat, dtype=args.dtype)
-  if args.lower_layers:
+  if args.lower_layers:  # before anything asks JAX for its backend
     import jax  # pylint: disable=g-import-not-at-top
     jax.config.update('jax_num_cpu_devices', mc.num_devices)
     jax.config.update('jax_platforms', 'cpu')
+  cfg = ModelConfig()
+  if args.param_dtype is not None:
+    cfg = cfg.replace(param_dtype=args.param_dtype)
+  result = plan.plan(cfg, mc, device_memory=args.device_memory,
+                     micro_batch=args.micro_batch, seq_len=args.seq_len,
+                     remat=args.remat, dtype=args.dtype)
+  if args.lower_layers:
     result['lowered'] = plan.lower_train_step(
-        ModelConfig().replace(dtype=args.dtype,
-                              remat_policy=result['remat']),
+        cfg.replace(dtype=args.dtype, remat_policy=result['remat']),
         mc, layers=args.lower_layers,
         micro_batch=result['micro_batch'], seq_len=result['seq_len'])
   print(json.dumps(result) if args.json else plan.format_plan(result))

@@ -13,7 +13,6 @@ JAX starts.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import sys
@@ -24,7 +23,6 @@ if __name__ == '__main__':  # before JAX starts; never when imported by tests
 
 import flax.linen as nn  # pylint: disable=g-import-not-at-top
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 

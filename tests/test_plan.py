@@ -209,3 +209,30 @@ def test_lower_the_sharded_step_on_the_full_mesh():
                   '--device_memory', '80GB', '--lower_layers', '13')
   assert bad.returncode == 2
   assert 'num_layers=13 does not split' in bad.stderr.strip().splitlines()[-1]
+
+
+def test_16bit_weights_fit_glm_130b_on_its_paper_layout():
+  """GLM-130B's layout (TP 4 x PP 8 x DP 24, ZeRO-1, 40 GB A100s) does not
+  fit with fp32 weights and gradients; with bf16 weights and gradients and
+  fp32 masters in the ZeRO-1 optimiser shards it does."""
+  cfg = _gin_model('glm_130b')
+  mc = MeshConfig.parse('tensor=4,pipeline=8,data=24', zero1=True)
+  kw = dict(device_memory='40GB', micro_batch=192, seq_len=2048,
+            remat='full')
+  fp32 = plan_lib.plan(cfg, mc, **kw)
+  bf16 = plan_lib.plan(cfg.replace(param_dtype='bfloat16'), mc, **kw)
+  assert not fp32['fits'] and bf16['fits']
+  assert bf16['bytes']['params'] * 2 == fp32['bytes']['params']
+  assert bf16['bytes']['grads'] == bf16['bytes']['params']
+  # master + mu + nu (fp32) against mu + nu: 3/2 of the optimiser state.
+  assert bf16['bytes']['optimizer'] == pytest.approx(
+      1.5 * fp32['bytes']['optimizer'], rel=1e-6)
+  assert bf16['bytes']['activations'] == fp32['bytes']['activations']
+  out = _cli('--gin_file', os.path.join(ROOT, 'configs', 'models',
+                                        'glm_130b.gin'),
+             '--mesh', 'tensor=4,pipeline=8,data=24', '--zero1',
+             '--device_memory', '40GB', '--micro_batch', '192',
+             '--seq_len', '2048', '--remat', 'full',
+             '--param_dtype', 'bfloat16')
+  assert out.returncode == 0, out.stderr
+  assert 'parameters (bf16)' in out.stdout and 'fits:' in out.stdout

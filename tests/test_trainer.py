@@ -5,7 +5,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import jax
@@ -21,26 +20,13 @@ from glm.training import state as state_lib
 from glm.training import step as step_lib
 
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RUNS = os.path.join(ROOT, 'configs', 'runs')
-TINY = ['--gin.BATCH_SIZE=4', '--gin.SEQ_LEN=32',
-        '--gin.ModelConfig.num_layers=2', '--gin.ModelConfig.hidden=32',
-        '--gin.ModelConfig.num_heads=4', '--gin.ModelConfig.mlp_dim=64',
-        '--gin.ModelConfig.vocab_size=2048',
-        '--gin.train.tokenizer_vocab_size=2048', '--gin.LOG_EVERY=1',
-        '--gin.EVAL_EVERY=0', '--gin.train.eval_batches=1',
-        '--gin.train.sample_tokens=2', '--gin.train.peak_flops=1e11']
+from train_cli import ROOT  # tests/train_cli.py
+from train_cli import train_argv as cmd
 
 
-def cmd(run, workdir, data_dir, *extra):
-  return [sys.executable, '-m', 'glm', 'train', '--gin_file',
-          os.path.join(RUNS, run), '--workdir', str(workdir),
-          f"--gin.train.data_dir='{data_dir}'", *TINY, *extra]
-
-
-def glm_train(*args, **kwargs):
-  return subprocess.run(cmd(*args, **kwargs), capture_output=True, text=True,
-                        cwd=ROOT)
+def glm_train(run, workdir, data_dir, *extra):
+  return subprocess.run(cmd(run, workdir, data_dir, *extra),
+                        capture_output=True, text=True, cwd=ROOT)
 
 
 def losses_by_step(workdir):

@@ -6,8 +6,6 @@ evaluation time, a warmup longer than the run, a first step at lr 0."""
 import json
 import os
 import shutil
-import subprocess
-import sys
 import time
 
 import gin
@@ -20,16 +18,7 @@ from glm.training import loop as loop_lib
 from glm.training import optimizers
 from glm.training import workdir as workdir_lib
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RUNS = os.path.join(ROOT, 'configs', 'runs')
-MODELS = os.path.join(ROOT, 'configs', 'models')
-TINY = ['--gin.BATCH_SIZE=4', '--gin.SEQ_LEN=32',
-        '--gin.ModelConfig.num_layers=1', '--gin.ModelConfig.hidden=32',
-        '--gin.ModelConfig.num_heads=4', '--gin.ModelConfig.mlp_dim=64',
-        '--gin.ModelConfig.vocab_size=2048',
-        '--gin.train.tokenizer_vocab_size=2048', '--gin.LOG_EVERY=1',
-        '--gin.train.eval_batches=1', '--gin.train.sample_tokens=2',
-        '--gin.train.peak_flops=1e11']
+from train_cli import MODELS, RUNS, glm, train  # tests/train_cli.py
 
 
 @pytest.fixture(autouse=True)
@@ -38,17 +27,6 @@ def no_gin_bindings():
   gin.clear_config()
   yield
   gin.clear_config()
-
-
-def glm(*args):
-  return subprocess.run([sys.executable, '-m', 'glm', *args],
-                        capture_output=True, text=True, cwd=ROOT)
-
-
-def train(workdir, data_dir, *extra):
-  return glm('train', '--gin_file', os.path.join(RUNS, 'default.gin'),
-             '--workdir', str(workdir), f"--gin.train.data_dir='{data_dir}'",
-             *TINY, *extra)
 
 
 def error_lines(out) -> list[str]:

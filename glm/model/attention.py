@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from glm.model.config import ModelConfig
-from glm.model.layers import compute_dtype, dense, kernel_init, param
+from glm.model.layers import dense, kernel_init, param, precision
 from glm.model import positions
 
 
@@ -202,7 +202,8 @@ def _attention(q, k, v, bias):
 
 def _attention_fwd(q, k, v, bias):
   probs = _probs(q, k, bias)
-  out = jnp.einsum('bhts,bhsd->bhtd', probs.astype(v.dtype), v)
+  out = jnp.einsum('bhts,bhsd->bhtd', probs.astype(v.dtype), v,
+                   preferred_element_type=jnp.float32).astype(q.dtype)
   # An empty array stands in for the bias: its shape and dtype only.
   stub = jnp.zeros((0,) + bias.shape[1:2], bias.dtype)
   return out, (q, k, v, out, probs, stub)
@@ -211,6 +212,7 @@ def _attention_fwd(q, k, v, bias):
 def _attention_bwd(res, d_out):
   q, k, v, out, probs, stub = res
   f32 = jnp.float32
+  d_out = d_out.astype(v.dtype)
   d_probs = jnp.einsum('bhtd,bhsd->bhts', d_out, v, preferred_element_type=f32)
   delta = jnp.sum(d_out.astype(f32) * out.astype(f32), -1, keepdims=True)
   d_scores = probs * (d_probs - delta)  # = d bias: [B, H, T, S]
@@ -276,14 +278,15 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, ctx: AttentionContext) -> jax.Array:
     cfg = self.cfg
-    dt = compute_dtype(cfg)
+    policy = precision(cfg)
+    dt = policy.activation
     e, h, d = cfg.hidden, cfg.num_heads, cfg.dims_per_head
     qkv_axes = ('embed', 'heads', 'kv')
 
     def project(name: str, scaled: bool) -> jax.Array:
       w = param(self, name, kernel_init(cfg, scaled=scaled, in_axis=[0],
                                         out_axis=[1, 2]), (e, h, d), qkv_axes)
-      y = dense('bte,ehd->bthd', x, w, qkv_axes, dtype=dt)
+      y = dense('bte,ehd->bthd', x, w, qkv_axes, **policy.dense)
       if cfg.use_bias:
         y = y + param(self, f'{name}_bias', nn.initializers.zeros, (h, d),
                       ('heads', 'kv')).astype(dt)
@@ -299,11 +302,12 @@ class Attention(nn.Module):
       q = positions.apply_rope_2d(q, ctx.rope[0], ctx.rope[1])
       k = positions.apply_rope_2d(k, ctx.rope[0], ctx.rope[1])
 
+    q, k, v = (a.astype(policy.matmul) for a in (q, k, v))
     out = attention(q, k, v, ctx.spec, impl=self.impl)  # [B, T, H, D]
     out_axes = ('heads', 'kv', 'embed')
     wo = param(self, 'out', kernel_init(cfg, scaled=True, in_axis=[0, 1],
                                         out_axis=[2]), (h, d, e), out_axes)
-    y = dense('bthd,hde->bte', out, wo, out_axes, dtype=dt)
+    y = dense('bthd,hde->bte', out, wo, out_axes, **policy.dense)
     if cfg.use_bias:
       y = y + param(self, 'out_bias', nn.initializers.zeros, (e,),
                     ('embed',)).astype(dt)

@@ -22,7 +22,8 @@ POSITIONS = ('alibi', 'rope', 'rope2d', 'learned', 'none')
 NORM_LAYOUTS = ('pre', 'deepnorm')
 NORM_TYPES = ('layernorm', 'rmsnorm')
 MLP_ACTIVATIONS = ('gelu', 'geglu', 'swiglu')
-DTYPES = ('float32', 'bfloat16')
+DTYPES = ('float32', 'bfloat16', 'mixed', 'auto')  # see glm.model.layers
+PARAM_DTYPES = ('float32', 'bfloat16')
 REMAT_POLICIES = ('none', 'full', 'dots', 'dots_no_batch')
 
 
@@ -68,8 +69,11 @@ class ModelConfig:
   dropout_rate: float = 0.0        # on attention and FFN outputs (training)
 
   # Numerics and compilation.
-  dtype: str = 'float32'           # compute dtype; params stay float32
+  dtype: str = 'float32'           # compute policy (DTYPES)
+  param_dtype: str = 'float32'     # training weights and gradients; with
+                                   # 'bfloat16', fp32 masters in the optimiser
   scan_layers: bool = True
+  scan_unroll: int = 0             # layers per scan iteration; 0: auto
   remat_policy: str = 'none'       # one of REMAT_POLICIES
 
   def __post_init__(self):
@@ -78,6 +82,7 @@ class ModelConfig:
     _check_choice('norm_type', self.norm_type, NORM_TYPES)
     _check_choice('mlp_activation', self.mlp_activation, MLP_ACTIVATIONS)
     _check_choice('dtype', self.dtype, DTYPES)
+    _check_choice('param_dtype', self.param_dtype, PARAM_DTYPES)
     _check_choice('remat_policy', self.remat_policy, REMAT_POLICIES)
     for name in ('vocab_size', 'vocab_pad_multiple', 'hidden', 'num_layers',
                  'num_heads', 'mlp_dim', 'max_len'):
@@ -98,6 +103,9 @@ class ModelConfig:
           f'rope_fraction={self.rope_fraction} of head dim '
           f'{self.dims_per_head} gives {self.rotary_dims} rotary dims; it must '
           'be a positive even number.')
+    if self.scan_unroll < 0:
+      raise ConfigError(f'ModelConfig.scan_unroll={self.scan_unroll} must be '
+                        '>= 0 (0: all layers on CPU, 1 elsewhere).')
     if not 0.0 <= self.dropout_rate < 1.0:
       raise ConfigError(f'dropout_rate={self.dropout_rate} must be in [0, 1).')
     if not 0.0 < self.embed_grad_shrink <= 1.0:

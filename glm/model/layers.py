@@ -3,8 +3,12 @@ initialisers.
 
 Einsum letters: B batch, T length, E embed (hidden), F mlp width, G the two
 halves of a gated FFN, V padded vocabulary, H heads, D head dim.
-Parameters are float32; computation runs in `cfg.dtype` except norms,
-softmax and logits, which are float32.
+Parameters are float32. `cfg.dtype` is a compute policy (`precision`):
+'float32'; 'bfloat16', bf16 activations and matmuls (accelerators);
+'mixed', bf16 matmul inputs with float32 accumulation and float32
+elementwise work and residual stream (what torch autocast does, and what XLA
+CPU runs fastest); 'auto', 'mixed' on CPU and 'bfloat16' elsewhere. Norms,
+softmax, logits and losses are float32 under every policy.
 
 Every product of an activation with a weight matrix in the model (q, k, v
 and attention output, MLP in and out, the tied logits and the chunked output
@@ -14,9 +18,12 @@ place where quantised weights or an int4 matmul kernel plug in.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
+import dataclasses
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -25,8 +32,47 @@ from glm.model.config import ModelConfig
 Initializer = Callable[..., jax.Array]
 
 
+@dataclasses.dataclass(frozen=True)
+class Precision:
+  """A compute policy: the dtype of activations (the residual stream and
+  elementwise work) and of matmul inputs; matmuls accumulate in float32
+  whenever their inputs are narrower than the activations."""
+  name: str
+  activation: Any
+  matmul: Any
+
+  @property
+  def dense(self) -> dict:
+    """`dense` keywords: matmul inputs in, activations out."""
+    return {'dtype': self.matmul, 'out_dtype': self.activation}
+
+  def describe(self) -> str:
+    return {'float32': 'float32 throughout',
+            'bfloat16': 'bf16 activations and matmuls, float32 norms, '
+                        'softmax and loss',
+            'mixed': 'bf16 matmul inputs, float32 accumulation and '
+                     'elementwise work'}[self.name]
+
+
+def resolve_dtype(dtype: str) -> str:
+  """'auto' -> 'mixed' on CPU (bf16 x bf16 -> f32 dots are the fast ones
+  there), 'bfloat16' on accelerators; other policies stay as they are."""
+  if dtype != 'auto':
+    return dtype
+  return 'mixed' if jax.default_backend() == 'cpu' else 'bfloat16'
+
+
+def precision(cfg: ModelConfig) -> Precision:
+  name = resolve_dtype(cfg.dtype)
+  f32, bf16 = jnp.float32, jnp.bfloat16
+  activation, matmul = {'float32': (f32, f32), 'bfloat16': (bf16, bf16),
+                        'mixed': (f32, bf16)}[name]
+  return Precision(name, activation, matmul)
+
+
 def compute_dtype(cfg: ModelConfig):
-  return jnp.bfloat16 if cfg.dtype == 'bfloat16' else jnp.float32
+  """The activation dtype of the policy."""
+  return precision(cfg).activation
 
 
 def normal_init(std: float) -> Initializer:
@@ -63,16 +109,55 @@ def dense(eqn: str, x: jax.Array, w: jax.Array, axes: Sequence[str | None],
   w: the weight, its dims named by `axes` (the logical axis names it was
     declared with, e.g. ('embed', 'heads', 'kv')), one per letter of the
     weight's term in eqn.
-  dtype: the compute dtype both operands are cast to; out_dtype: the
-    accumulation / result dtype (None: dtype's own, as jnp.einsum gives).
+  dtype: the dtype both operands are cast to; out_dtype: the accumulation
+    and result dtype (None: dtype's own, as jnp.einsum gives). When it is
+    wider than dtype (the 'mixed' policy), the backward products take their
+    inputs in dtype too and accumulate in out_dtype, as the forward does.
   """
   operands, _ = eqn.split('->')
   w_letters = operands.split(',')[1]
   if not len(w_letters) == w.ndim == len(axes):
     raise ValueError(f'dense {eqn!r}: weight of shape {w.shape} with axes '
                      f'{tuple(axes)} does not match its term {w_letters!r}.')
+  if out_dtype is not None and jnp.dtype(out_dtype) != jnp.dtype(dtype):
+    return _mixed_einsum(eqn, jnp.dtype(dtype), jnp.dtype(out_dtype), x, w)
   return jnp.einsum(eqn, x.astype(dtype), w.astype(dtype),
                     preferred_element_type=out_dtype)
+
+
+def _transposed(eqn: str) -> tuple[str, str]:
+  """'x,w->o' -> ('o,w->x', 'x,o->w'): the products of the two gradients."""
+  operands, o = eqn.split('->')
+  x, w = operands.split(',')
+  for term, others in ((x, w + o), (w, x + o)):
+    if any(c not in others for c in term):
+      raise ValueError(f'dense {eqn!r}: a letter of {term!r} appears in no '
+                       'other term; its gradient is not one product.')
+  return f'{o},{w}->{x}', f'{x},{o}->{w}'
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _mixed_einsum(eqn, dtype, out_dtype, x, w):
+  return jnp.einsum(eqn, x.astype(dtype), w.astype(dtype),
+                    preferred_element_type=out_dtype)
+
+
+def _mixed_einsum_fwd(eqn, dtype, out_dtype, x, w):
+  xc, wc = x.astype(dtype), w.astype(dtype)
+  y = jnp.einsum(eqn, xc, wc, preferred_element_type=out_dtype)
+  return y, (xc, wc, jnp.zeros((0,), x.dtype), jnp.zeros((0,), w.dtype))
+
+
+def _mixed_einsum_bwd(eqn, dtype, out_dtype, res, g):
+  xc, wc, x_dt, w_dt = res
+  dx_eqn, dw_eqn = _transposed(eqn)
+  gc = g.astype(dtype)
+  dx = jnp.einsum(dx_eqn, gc, wc, preferred_element_type=out_dtype)
+  dw = jnp.einsum(dw_eqn, xc, gc, preferred_element_type=out_dtype)
+  return dx.astype(x_dt.dtype), dw.astype(w_dt.dtype)
+
+
+_mixed_einsum.defvjp(_mixed_einsum_fwd, _mixed_einsum_bwd)
 
 
 def param(module: nn.Module, name: str, init: Initializer,
@@ -118,13 +203,14 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     cfg = self.cfg
-    dt = compute_dtype(cfg)
+    kw = precision(cfg).dense
+    dt = kw['out_dtype']  # activations
     e, f = cfg.hidden, cfg.mlp_dim
     if cfg.is_gated:
       wi_axes = ('embed', 'glu', 'mlp')
       wi = param(self, 'wi', kernel_init(cfg, scaled=True, in_axis=[0],
                                          out_axis=[1, 2]), (e, 2, f), wi_axes)
-      h = dense('bte,egf->gbtf', x, wi, wi_axes, dtype=dt)
+      h = dense('bte,egf->gbtf', x, wi, wi_axes, **kw)
       if cfg.use_bias:
         bi = param(self, 'wi_bias', nn.initializers.zeros, (2, f),
                    ('glu', 'mlp'))
@@ -138,7 +224,7 @@ class Mlp(nn.Module):
       wi_axes = ('embed', 'mlp')
       wi = param(self, 'wi', kernel_init(cfg, scaled=True, in_axis=[0],
                                          out_axis=[1]), (e, f), wi_axes)
-      h = dense('bte,ef->btf', x, wi, wi_axes, dtype=dt)
+      h = dense('bte,ef->btf', x, wi, wi_axes, **kw)
       if cfg.use_bias:
         h = h + param(self, 'wi_bias', nn.initializers.zeros, (f,),
                       ('mlp',)).astype(dt)
@@ -147,7 +233,7 @@ class Mlp(nn.Module):
     wo_axes = ('mlp', 'embed')
     wo = param(self, 'wo', kernel_init(cfg, scaled=True, in_axis=[0],
                                        out_axis=[1]), (f, e), wo_axes)
-    y = dense('btf,fe->bte', h, wo, wo_axes, dtype=dt)
+    y = dense('btf,fe->bte', h, wo, wo_axes, **kw)
     if cfg.use_bias:
       y = y + param(self, 'wo_bias', nn.initializers.zeros, (e,),
                     ('embed',)).astype(dt)
@@ -180,7 +266,7 @@ class Embed(nn.Module):
 
   def attend(self, x: jax.Array) -> jax.Array:
     # [B, T, E] x [V, E] -> [B, T, V] in float32.
-    dt = compute_dtype(self.cfg)
+    dt = precision(self.cfg).matmul
     return tied_logits(x.astype(dt), self.embedding.astype(dt))
 
 
@@ -188,7 +274,9 @@ class Embed(nn.Module):
 def tied_logits(x: jax.Array, table: jax.Array) -> jax.Array:
   """Output logits with the embedding table: [B, T, E] x [V, E] -> [B, T, V].
 
-  Float32 logits. The same product as autodiff's, but the backward computes
+  Float32 logits from x and table in the matmul dtype (the backward takes
+  the logit gradient in that dtype too and accumulates in float32). The same
+  product as autodiff's, but the backward computes
   the table gradient as (x^T g)^T: autodiff's g^T x makes XLA CPU lay the
   [B, T, V] logit gradient out transposed (a second, cache-hostile pass over
   the largest tensor of the step), which cost more than the matmuls.
@@ -203,6 +291,7 @@ def _tied_logits_fwd(x, table):
 
 def _tied_logits_bwd(res, g):
   x, table = res  # g: [B, T, V] float32
+  g = g.astype(table.dtype)
   dx = jnp.einsum('btv,ve->bte', g, table, preferred_element_type=jnp.float32)
   d_table = jnp.einsum('bte,btv->ev', x, g, preferred_element_type=jnp.float32)
   return dx.astype(x.dtype), d_table.T.astype(table.dtype)

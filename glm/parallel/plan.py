@@ -10,12 +10,15 @@ and their shardings from `glm.parallel.mesh.param_specs`.
 
 Per device (the most loaded one; GB = 1e9 bytes):
 
-  parameters   fp32 master weights, every leaf measured exactly with
+  parameters   the weights the step computes with, in `param_dtype` (fp32,
+               or bf16 with 16-bit weights), every leaf measured exactly with
                `mesh.per_device_bytes` under its PartitionSpec (a
                dimension that does not split evenly counts its largest shard).
-  gradients    fp32, sharded like the parameters.
-  optimizer    Adam mu and nu, fp32, two per parameter, sharded like the
-               parameters; with ZeRO-1 also over `data` (`mesh.zero1_spec`).
+  gradients    in `param_dtype`, sharded like the parameters.
+  optimizer    Adam mu and nu, fp32, two per parameter, plus the fp32 master
+               weights with 16-bit weights (GLM-130B's scheme), sharded like
+               the parameters; with ZeRO-1 also over `data`
+               (`mesh.zero1_spec`).
   activations  the estimate below.
 
 Activations. Letters: s sequence length; R = micro_batch / (data * fsdp) rows
@@ -129,6 +132,13 @@ ASSUMPTIONS = (
 )
 
 
+def activation_bytes_per_value(dtype: str) -> int:
+  """Bytes of one activation under a compute policy. A plan is for the
+  accelerators a run will use, where 'auto' means full bf16; 'mixed' keeps
+  float32 activations."""
+  return {'float32': 4, 'mixed': 4, 'bfloat16': 2, 'auto': 2}[dtype]
+
+
 def parse_bytes(text: str | float | int) -> int:
   """'80GB', '80G', '80e9' (GB = 1e9), '96GiB' -> bytes."""
   if isinstance(text, (int, float)) and not isinstance(text, bool):
@@ -156,9 +166,12 @@ def leaf_bytes(cfg: ModelConfig, mc: mesh_lib.MeshConfig
                ) -> dict[str, dict[str, Any]]:
   """Per-device bytes of every parameter leaf ('layers/mlp/wi' -> {...}).
 
-  Each entry: shape, spec (the parameter's), params and grads (fp32 bytes),
-  optimizer (Adam mu + nu, fp32, ZeRO-1 spec when mc.zero1).
+  Each entry: shape, spec (the parameter's), params and grads (bytes in
+  cfg.param_dtype), optimizer (Adam mu + nu, fp32, and the fp32 master copy
+  with 16-bit weights; ZeRO-1 spec when mc.zero1).
   """
+  weight_dtype = np.float32 if cfg.param_dtype == 'float32' else np.float16
+  opt_copies = 2 if cfg.param_dtype == 'float32' else 3
   shapes = transformer.abstract_params(cfg)
   specs = mesh_lib.param_specs(transformer.logical_axes(cfg))
   mesh_shape = mc.shape
@@ -166,11 +179,11 @@ def leaf_bytes(cfg: ModelConfig, mc: mesh_lib.MeshConfig
 
   def one(path, spec, leaf):
     shape = tuple(leaf.shape)
-    p = mesh_lib.per_device_bytes(shape, np.float32, spec, mesh_shape)
+    p = mesh_lib.per_device_bytes(shape, weight_dtype, spec, mesh_shape)
     opt_spec = (mesh_lib.zero1_spec(spec, shape, mesh_shape) if mc.zero1
                 else spec)
-    opt = 2 * mesh_lib.per_device_bytes(shape, np.float32, opt_spec,
-                                        mesh_shape)
+    opt = opt_copies * mesh_lib.per_device_bytes(shape, np.float32, opt_spec,
+                                                 mesh_shape)
     name = '/'.join(str(getattr(k, 'key', k)) for k in path)
     out[name] = {'shape': shape, 'spec': spec, 'opt_spec': opt_spec,
                  'size': math.prod(shape), 'params': p, 'grads': p,
@@ -189,7 +202,7 @@ def layer_activation_bytes(cfg: ModelConfig, *, seq_len: int, rows: int,
   s, b, h, a, t = seq_len, rows, cfg.hidden, cfg.num_heads, tensor
   ad, f = a * cfg.dims_per_head, cfg.mlp_dim
   g = 2 if cfg.is_gated else 1
-  c = np.dtype(dtype).itemsize / 2
+  c = activation_bytes_per_value(dtype) / 2
   if remat == 'none':
     mlp = 6 * f if cfg.is_gated else 4 * f
     kept = s * b * (10 * h + (8 * ad + mlp) / t) + 5 * a * s * s * b / t
@@ -229,7 +242,7 @@ def activation_bytes(cfg: ModelConfig, mc: mesh_lib.MeshConfig, *,
   else:
     bias_rows = ticks * b if remat == 'none' else b
   heads = cfg.num_heads / t if cfg.position == 'alibi' else 1
-  itemsize = np.dtype(dtype).itemsize
+  itemsize = activation_bytes_per_value(dtype)
   act = {
       'layers': layers,
       'recompute': unit * full_layer if remat != 'none' else 0.0,
@@ -318,6 +331,7 @@ def plan(cfg: ModelConfig, mesh_cfg: mesh_lib.MeshConfig, *,
       'seq_len': seq_len,
       'remat': remat,
       'dtype': dtype,
+      'param_dtype': cfg.param_dtype,
       'layers_per_stage': -(-cfg.num_layers // chunks) * mc.repeats,
       'bubble_fraction': mc.bubble_fraction(),
       'bytes': {**state, 'activations': activations, 'total': total},
@@ -333,6 +347,9 @@ def plan(cfg: ModelConfig, mesh_cfg: mesh_lib.MeshConfig, *,
 def format_plan(r: dict[str, Any]) -> str:
   """The plan as an aligned table with the verdict and its assumptions."""
   gb = lambda n: f'{n / GB:10.2f}'
+  w = 'fp32' if r['param_dtype'] == 'float32' else 'bf16'
+  opt = ('Adam mu, nu fp32' if w == 'fp32' else
+         'fp32 master, mu, nu')
   by, act = r['bytes'], r['activation_bytes']
   rows = lambda n: f'{n} row' + ('s' if n != 1 else '')
   pipe = (f'{r["schedule"]}, {r["microbatches"]} microbatches of '
@@ -350,9 +367,9 @@ def format_plan(r: dict[str, Any]) -> str:
       f'compute     {r["dtype"]}, remat {r["remat"]}',
       '',
       f'{"per device":<32}{"GB":>10}',
-      f'{"  parameters (fp32)":<32}{gb(by["params"])}',
-      f'{"  gradients (fp32)":<32}{gb(by["grads"])}',
-      f'{"  optimizer (Adam mu, nu fp32)":<32}{gb(by["optimizer"])}',
+      f'{"  parameters (" + w + ")":<32}{gb(by["params"])}',
+      f'{"  gradients (" + w + ")":<32}{gb(by["grads"])}',
+      f'{"  optimizer (" + opt + ")":<32}{gb(by["optimizer"])}',
       f'{"  activations":<32}{gb(by["activations"])}',
       f'{"    layer stack (all ticks)":<32}{gb(act["layers"])}',
       f'{"    recompute (one unit)":<32}{gb(act["recompute"])}',

@@ -1,6 +1,7 @@
 """The run's orbax checkpoints of the train state (`W/checkpoints/`).
 
   manager = open_manager(workdir, keep=2)         # async saves, keep-N
+  manager.save(step, args=ocp.args.StandardSave(state_lib.to_saved(state)))
   state, step = restore_latest(manager, state)     # or (state, 0)
 
 A checkpoint that no longer restores (a truncated or missing array file, a
@@ -19,6 +20,7 @@ import jax
 from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
+from glm.training import state as state_lib
 from glm.training.workdir import TrainError
 
 UNRESTORABLE = 'checkpoints_unrestorable'
@@ -49,14 +51,15 @@ def restore_latest(manager: ocp.CheckpointManager, state: dict
   skipped = []
   for step in sorted(manager.all_steps(), reverse=True):
     try:
-      restored = manager.restore(step, args=ocp.args.StandardRestore(state))
+      restored = manager.restore(
+          step, args=ocp.args.StandardRestore(state_lib.to_saved(state)))
     except Exception as e:  # pylint: disable=broad-except
       skipped.append((step, _reason(e)))
       continue
     if skipped:
       _set_aside(manager, skipped)
     print(f'glm train: resumed from step {step} in {directory}', flush=True)
-    return restored, step
+    return state_lib.from_saved(restored, state), step
   if skipped:
     steps = ', '.join(f'step {s} ({why})' for s, why in skipped)
     raise TrainError(f'no checkpoint in {directory} restores: {steps}; '

@@ -36,6 +36,7 @@ from glm.evaluation import heldout
 from glm.inference import decoding
 from glm.model import checkpoint as model_checkpoint
 from glm.model.config import ModelConfig
+from glm.model.layers import precision, resolve_dtype
 from glm.model import info as model_info
 from glm.model import transformer
 from glm.parallel import mesh as mesh_lib
@@ -190,10 +191,10 @@ def resolve(workdir: str, model_config: ModelConfig, *,
   cfg = model_config
   if init_checkpoint:
     # Fine-tuning: the architecture comes from the self-describing checkpoint;
-    # the run only chooses numerics (dtype, scan, remat).
+    # the run only chooses numerics (dtype, scan and unroll, remat).
     cfg = model_checkpoint.load_config(init_checkpoint).replace(
         dtype=cfg.dtype, scan_layers=cfg.scan_layers,
-        remat_policy=cfg.remat_policy)
+        scan_unroll=cfg.scan_unroll, remat_policy=cfg.remat_policy)
   micro = micro_batch_size or batch_size
   for name, value in (('train_steps', train_steps), ('batch_size', batch_size),
                       ('seq_len', seq_len),
@@ -295,9 +296,10 @@ def _init_params(run: Run, init_checkpoint: str | None) -> Any:
 
 
 def measure_peak_flops(dtype: str, n: int = 2048, repeats: int = 5) -> float:
-  """FLOP/s of a large square matmul in the compute dtype on this machine
-  (the best of `repeats` timings, so a busy moment does not lower it)."""
-  dt = jnp.bfloat16 if dtype == 'bfloat16' else jnp.float32
+  """FLOP/s of a large square matmul with the policy's matmul inputs
+  (float32 results) on this machine (the best of `repeats` timings, so a
+  busy moment does not lower it)."""
+  dt = jnp.float32 if resolve_dtype(dtype) == 'float32' else jnp.bfloat16
   a = jnp.ones((n, n), dt)
   f = jax.jit(lambda a: jnp.dot(a, a, preferred_element_type=jnp.float32))
   f(a).block_until_ready()
@@ -325,6 +327,13 @@ def announce(run: Run, data: pipeline.DataConfig,
         f'workdir {run.workdir}; MFU against {peak / 1e9:,.0f} GFLOP/s '
         f'{peak_source}', flush=True)
   print(f'glm train: data mixture {dict(data.mixture)}', flush=True)
+  policy = precision(run.cfg)
+  auto = f" ('{run.cfg.dtype}' on {jax.default_backend()})" if (
+      run.cfg.dtype == 'auto') else ''
+  unroll = transformer.scan_unroll(run.cfg)
+  print(f'glm train: compute dtype {policy.name}{auto}: {policy.describe()}'
+        + (f'; layer scan unrolled x{unroll}' if run.cfg.scan_layers
+           and unroll > 1 else ''), flush=True)
   mc = run.mesh_cfg
   if run.mesh is not None:
     print(f'glm train: mesh {mc.describe()} over '
@@ -393,7 +402,7 @@ def loop(run: Run, state: dict, start: int, train_step: Callable, *,
         if due_eval:
           evaluate(state['params'], done)
         if due_save:
-          manager.save(done, args=ocp.args.StandardSave(state))
+          manager.save(done, args=_save_args(state))
         clock['paused'] += time.time() - t
       if preempted['signal'] is not None:
         _save_and_exit(run, state, done, preempted['signal'], manager, files,
@@ -402,6 +411,10 @@ def loop(run: Run, state: dict, start: int, train_step: Callable, *,
     _check_step(run, *pending, manager, progress, skipped)
   manager.wait_until_finished()
   return state, loss, skipped[0]
+
+
+def _save_args(state: dict) -> ocp.args.StandardSave:
+  return ocp.args.StandardSave(state_lib.to_saved(state))
 
 
 def _check_step(run: Run, done: int, m: dict, manager: ocp.CheckpointManager,
@@ -458,7 +471,7 @@ def _save_and_exit(run: Run, state: dict, done: int, signum: int,
                    files: workdir_lib.RunFiles,
                    progress: workdir_lib.Progress) -> None:
   if done % run.checkpoint_every and done != run.train_steps:
-    manager.save(done, args=ocp.args.StandardSave(state))
+    manager.save(done, args=_save_args(state))
   manager.wait_until_finished()
   files.close()
   progress.message(f'glm train: caught signal {signum}; saved step {done}; '
@@ -471,8 +484,8 @@ def finish(run: Run, data: RunData, state: dict, evaluate: Callable,
            skipped: int, sample_prompt: str, sample_tokens: int,
            t_start: float) -> dict[str, Any]:
   """Held-out loss, a greedy sample and the model folder W/model."""
-  params = state['params']
-  eval_loss = evaluate(params, run.train_steps)
+  eval_loss = evaluate(state['params'], run.train_steps)
+  params = state_lib.float32_params(state)  # the master copy, if any
   if jax.process_count() > 1:  # every process gets the full weights
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     params = multihost_utils.process_allgather(params, tiled=True)

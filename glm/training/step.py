@@ -107,10 +107,12 @@ def make_train_step(cfg: ModelConfig, opt: optax.GradientTransformation, *,
     total, count, grads = accumulate(params, batch, rng)
     count = jnp.maximum(count, 1.0)
     loss = total / count
-    grads = jax.tree.map(lambda g: g / count, grads)
+    # Gradients keep the weights' dtype (bf16 with 16-bit weights).
+    grads = jax.tree.map(lambda g: (g / count).astype(g.dtype), grads)
     if sharded:  # gradients live where their parameters live
       grads = jax.lax.with_sharding_constraint(grads, param_shardings)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.global_norm(
+        jax.tree.map(lambda g: g.astype(jnp.float32), grads))
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     ema = state['loss_ema']
     spike = ((policy.spike_factor > 0) & (ema > 0)
@@ -118,10 +120,19 @@ def make_train_step(cfg: ModelConfig, opt: optax.GradientTransformation, *,
     ok = finite & ~spike
 
     def update(_):
-      updates, new_opt = opt.update(grads, state['opt_state'], params)
       new_ema = jnp.where(ema > 0, policy.ema_decay * ema
                           + (1 - policy.ema_decay) * loss, loss)
-      return optax.apply_updates(params, updates), new_opt, new_ema
+      if not state_lib.has_master(state):
+        updates, new_opt = opt.update(grads, state['opt_state'], params)
+        return optax.apply_updates(params, updates), new_opt, new_ema
+      # 16-bit weights: AdamW steps the float32 master copy (in the sharded
+      # optimiser state); the step's weights are its bf16 rounding.
+      master = state['opt_state']['master']
+      g32 = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
+      updates, inner = opt.update(g32, state['opt_state']['inner'], master)
+      master = optax.apply_updates(master, updates)
+      new_params = jax.tree.map(lambda m, p: m.astype(p.dtype), master, params)
+      return new_params, {'master': master, 'inner': inner}, new_ema
 
     # A bad step runs no optimiser update at all (one branch executes), and
     # leaves parameters, moments and the loss mean as they were.
