@@ -7,7 +7,9 @@
   state        the train state layout, its initialisation and shardings
   losses       cross-entropy, z-loss and the chunked output-layer loss
   optimizers   AdamW, learning-rate tables, batch-size ramps
-  workdir      the run's files: config, metrics, progress, preemption
+  workdir      the run's files: config, settings history, metrics, progress,
+               preemption
+  checkpoints  the run's orbax checkpoints; broken ones skipped and kept
   tensorboard  TensorBoard event files without TensorFlow
 
 The package is named `training` so that it never shadows the `train` gin

@@ -153,7 +153,9 @@ def train(*, workdir: str,
   files.resume_at(start)
   flops, peak = announce(run, data, peak_flops,
                          optimizers.warmup_note(opt_cfg, tokens, lrs))
-  evaluated = {r['step']: r['all'] for r in files.read('eval.jsonl')}
+  # Evaluations this run already has (every process sees the same ones).
+  evaluated = {r['step']: r['all'] for r in files.read('eval.jsonl')
+               if r['step'] <= start}
 
   def evaluate(params, step: int) -> float:
     """Held-out loss at `step`, computed once per step and run."""
