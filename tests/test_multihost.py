@@ -9,7 +9,8 @@ import time
 
 import numpy as np
 
-from test_trainer import RUNS, ROOT, TINY, losses_by_step
+from test_trainer import losses_by_step
+from train_cli import ROOT, RUNS, TINY  # tests/train_cli.py
 
 STEPS = ['--gin.TRAIN_STEPS=4', '--gin.CHECKPOINT_EVERY=2']
 
