@@ -1,9 +1,18 @@
 """Pallas kernels for GPU (Triton) and TPU (Mosaic), import name
 `glm.pallas_kernels`.
 
-The fused attention kernels (ALiBi bias and causal / prefix / GLM / packed
-masks computed in-kernel from a `glm.model.attention.AttentionSpec`), fused
-LayerNorm and the int4 dequantising matmul land here with the kernels work;
-the model uses the `'xla'` implementation of `glm.model.attention.attention`
-today, which is the reference those kernels will be tested against.
+  attention      `flash_attention`: fused softmax attention with ALiBi and
+                 the causal / prefix / packed-segment pattern computed in
+                 the kernel, forward and backward; `BlockSizes`; the plain
+                 jnp references (`flash_attention_reference`,
+                 `mha_forward_reference`, `mha_backward_reference`)
+  common         what both backends share: BlockSizes, the tile-skipping
+                 `block_map`, the in-tile pattern `tile_scores`
+  attention_gpu  its Triton kernels (forward, dq, dk/dv)
+  attention_tpu  its Mosaic kernels (forward, dq, dk/dv)
+
+Import the modules (this file is documentation only, as every package
+init here): `from glm.pallas_kernels import attention` and call
+`attention.flash_attention(...)`. The model reaches them through
+`ModelConfig.attention_impl = 'pallas'` or `'auto'` (`glm.model.fused`).
 """

@@ -17,10 +17,17 @@ query sees; a padding query sees nothing, and its output is finite and
 unspecified. Causal LM has no prefix; UL2's inputs and GLM's Part A are the
 prefix. T may differ from S (a query block against a longer key cache).
 
-`attention(q, k, v, spec, impl=...)` chooses the implementation. `'xla'`
-builds the float32 [B, H|1, T, S] bias inside itself from the spec and runs
-softmax attention with a hand-written backward; it is the reference every
-fused kernel is tested against.
+`attention(q, k, v, spec, impl=...)` chooses the implementation
+(`ModelConfig.attention_impl`):
+  'xla'        builds the float32 [B, H|1, T, S] bias from the spec and runs
+               softmax attention with a hand-written backward; the reference
+               every other path is tested against.
+  'blockwise'  a scan over key blocks with online softmax, never a [T, S]
+               array (glm/model/blockwise.py).
+  'pallas'     the fused GPU / TPU kernels of `glm.pallas_kernels`
+               (interpret mode on CPU), shard-mapped under a mesh
+               (glm/model/fused.py).
+  'auto'       the kernel on GPU / TPU, the faster XLA path on CPU.
 """
 
 from __future__ import annotations
@@ -34,6 +41,8 @@ import jax.numpy as jnp
 
 from glm.model.config import ModelConfig
 from glm.model.layers import dense, kernel_init, param, precision
+from glm.model import blockwise
+from glm.model import fused
 from glm.model import positions
 
 
@@ -156,7 +165,24 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   return jnp.swapaxes(out, 1, 2)  # [B, T, H, D]
 
 
-IMPLEMENTATIONS: dict[str, Callable[..., jax.Array]] = {'xla': xla_attention}
+def auto_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                   spec: AttentionSpec) -> jax.Array:
+  """The kernel on GPU / TPU; on CPU 'xla' for rows shorter than
+  `fused.AUTO_BLOCKWISE_FROM` keys, 'blockwise' from there on (the lowering
+  platform decides, so an exported step carries the kernel)."""
+  cpu = (blockwise.blockwise_attention
+         if spec.kv_len >= fused.AUTO_BLOCKWISE_FROM else xla_attention)
+  return jax.lax.platform_dependent(
+      q, k, v, cpu=lambda *a: cpu(*a, spec),
+      default=lambda *a: fused.pallas_attention(*a, spec))
+
+
+IMPLEMENTATIONS: dict[str, Callable[..., jax.Array]] = {
+    'xla': xla_attention,
+    'blockwise': blockwise.blockwise_attention,
+    'pallas': fused.pallas_attention,
+    'auto': auto_attention,
+}
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttentionSpec,
@@ -271,9 +297,9 @@ def attention_context(cfg: ModelConfig, batch: dict) -> AttentionContext:
 
 
 class Attention(nn.Module):
-  """Self-attention with separate q, k, v projections and an output one."""
+  """Self-attention with separate q, k, v projections and an output one;
+  the attention itself is `cfg.attention_impl`."""
   cfg: ModelConfig
-  impl: str = 'xla'
 
   @nn.compact
   def __call__(self, x: jax.Array, ctx: AttentionContext) -> jax.Array:
@@ -303,7 +329,7 @@ class Attention(nn.Module):
       k = positions.apply_rope_2d(k, ctx.rope[0], ctx.rope[1])
 
     q, k, v = (a.astype(policy.matmul) for a in (q, k, v))
-    out = attention(q, k, v, ctx.spec, impl=self.impl)  # [B, T, H, D]
+    out = attention(q, k, v, ctx.spec, impl=cfg.attention_impl)  # [B,T,H,D]
     out_axes = ('heads', 'kv', 'embed')
     wo = param(self, 'out', kernel_init(cfg, scaled=True, in_axis=[0, 1],
                                         out_axis=[2]), (h, d, e), out_axes)

@@ -24,6 +24,7 @@ NORM_TYPES = ('layernorm', 'rmsnorm')
 MLP_ACTIVATIONS = ('gelu', 'geglu', 'swiglu')
 DTYPES = ('float32', 'bfloat16', 'mixed', 'auto')  # see glm.model.layers
 PARAM_DTYPES = ('float32', 'bfloat16')
+ATTENTION_IMPLS = ('xla', 'blockwise', 'pallas', 'auto')  # see glm.model.attention
 REMAT_POLICIES = ('none', 'full', 'dots', 'dots_no_batch')
 
 
@@ -75,6 +76,7 @@ class ModelConfig:
   scan_layers: bool = True
   scan_unroll: int = 0             # layers per scan iteration; 0: auto
   remat_policy: str = 'none'       # one of REMAT_POLICIES
+  attention_impl: str = 'xla'      # one of ATTENTION_IMPLS
 
   def __post_init__(self):
     _check_choice('position', self.position, POSITIONS)
@@ -84,6 +86,7 @@ class ModelConfig:
     _check_choice('dtype', self.dtype, DTYPES)
     _check_choice('param_dtype', self.param_dtype, PARAM_DTYPES)
     _check_choice('remat_policy', self.remat_policy, REMAT_POLICIES)
+    _check_choice('attention_impl', self.attention_impl, ATTENTION_IMPLS)
     for name in ('vocab_size', 'vocab_pad_multiple', 'hidden', 'num_layers',
                  'num_heads', 'mlp_dim', 'max_len'):
       if getattr(self, name) < 1:

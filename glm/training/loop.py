@@ -38,6 +38,7 @@ from glm.model import checkpoint as model_checkpoint
 from glm.model.config import ModelConfig
 from glm.model.layers import precision, resolve_dtype
 from glm.model import info as model_info
+from glm.model import fused
 from glm.model import transformer
 from glm.parallel import mesh as mesh_lib
 from glm.training import checkpoints
@@ -196,7 +197,8 @@ def resolve(workdir: str, model_config: ModelConfig, *,
     # the run only chooses numerics (dtype, scan and unroll, remat).
     cfg = model_checkpoint.load_config(init_checkpoint).replace(
         dtype=cfg.dtype, scan_layers=cfg.scan_layers,
-        scan_unroll=cfg.scan_unroll, remat_policy=cfg.remat_policy)
+        scan_unroll=cfg.scan_unroll, remat_policy=cfg.remat_policy,
+        attention_impl=cfg.attention_impl)
   micro = micro_batch_size or batch_size
   for name, value in (('train_steps', train_steps), ('batch_size', batch_size),
                       ('seq_len', seq_len),
@@ -335,7 +337,9 @@ def announce(run: Run, data: pipeline.DataConfig,
   unroll = transformer.scan_unroll(run.cfg)
   print(f'glm train: compute dtype {policy.name}{auto}: {policy.describe()}'
         + (f'; layer scan unrolled x{unroll}' if run.cfg.scan_layers
-           and unroll > 1 else ''), flush=True)
+           and unroll > 1 else '')
+        + '; attention ' + fused.describe(run.cfg.attention_impl, run.seq_len),
+        flush=True)
   mc = run.mesh_cfg
   if run.mesh is not None:
     print(f'glm train: mesh {mc.describe()} over '

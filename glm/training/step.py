@@ -188,3 +188,21 @@ class ShardedStep:
     """Lowers without running (for `glm plan` style checks)."""
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(mesh_lib.rules()):
       return self._jit(args[0]).lower(*args)
+
+  def export(self, *args, platforms: tuple[str, ...],
+             disabled_checks=()) -> jax.export.Exported:
+    """`jax.export` of the step for other platforms (e.g. 'cuda', 'tpu'),
+    from any host: the model's 'pallas' / 'auto' attention picks each
+    platform's kernel (pass `glm.pallas_kernels.attention.EXPORT_CHECKS` for the
+    Triton kernel's custom call). The exported function takes and returns
+    flat lists of leaves (`jax.tree.leaves` of the arguments and of the
+    result): optax's state classes have no export serialization."""
+    leaves, tree = jax.tree.flatten(args)
+    jitted = self._jit(args[0])
+
+    def flat(*xs):
+      return jax.tree.leaves(jitted(*jax.tree.unflatten(tree, xs)))
+
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(mesh_lib.rules()):
+      return jax.export.export(jax.jit(flat), platforms=platforms,
+                               disabled_checks=disabled_checks)(*leaves)

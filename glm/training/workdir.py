@@ -38,7 +38,7 @@ class TrainError(UserError):
 
 # Model-config fields that are numerics, not architecture: a resumed run may
 # change them (with --accept_new_settings); every other field must match.
-NUMERICS = ('dtype', 'remat_policy', 'scan_unroll')
+NUMERICS = ('dtype', 'remat_policy', 'scan_unroll', 'attention_impl')
 
 
 def _read_run(workdir: str) -> dict | None:

@@ -1,0 +1,87 @@
+"""'pallas' (interpret, inside shard_map) and 'blockwise' attention in
+sharded train steps equal the one-device 'xla' steps; the sharded 'pallas'
+step exports for cuda and tpu.
+
+The steps run in tests/attention_worker.py on 8 faked CPU devices (a
+subprocess: the device count is fixed when JAX starts). The default suite
+runs the data x tensor x pipeline layout and exports the GLM family; the
+`slow` marker adds FSDP and every family's export.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, 'tests'))
+import attention_worker  # pylint: disable=g-import-not-at-top,wrong-import-position
+import parallel_worker  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def _run_worker(out, wide):
+  env = dict(os.environ, JAX_NUM_CPU_DEVICES='8', JAX_PLATFORMS='cpu')
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, 'tests', 'attention_worker.py'),
+       str(out)] + (['--wide'] if wide else []), env=env, cwd=ROOT,
+      capture_output=True, text=True, timeout=1800)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  return str(out)
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+  return _run_worker(tmp_path_factory.mktemp('attention'), wide=False)
+
+
+def _compare(runs, family, name):
+  ref = np.load(os.path.join(runs, family, 'xla_single.npz'))
+  got = np.load(os.path.join(runs, family, name + '.npz'))
+  assert len(ref['losses']) == attention_worker.STEPS
+  assert np.ptp(ref['losses']) > 1e-3  # the steps train
+  np.testing.assert_allclose(got['losses'], ref['losses'], rtol=1e-5)
+  np.testing.assert_allclose(got['grad_norms'], ref['grad_norms'], rtol=1e-5)
+  grads = [k for k in ref.files if k.startswith('grad[')]
+  assert len(grads) >= 10
+  scale = max(np.abs(ref[k]).max() for k in grads)
+  for k in grads:
+    np.testing.assert_allclose(got[k], ref[k], rtol=1e-5, atol=1e-6 * scale,
+                               err_msg=k)
+
+
+@pytest.mark.parametrize('impl', attention_worker.IMPLS)
+@pytest.mark.parametrize('family', list(parallel_worker.FAMILIES))
+def test_sharded_steps_equal_xla(runs, family, impl):
+  _compare(runs, family, f'{impl}_combo')
+
+
+def _check_exports(exports, families):
+  assert sorted(exports) == sorted(families)
+  for family in families:
+    cuda, tpu = exports[family]['cuda'], exports[family]['tpu']
+    assert cuda['platforms'] == ['cuda'] and tpu['platforms'] == ['tpu']
+    assert cuda['devices'] == tpu['devices'] == 8
+    # forward, dq and dk/dv kernels of each platform, and none of the other
+    assert cuda['triton_calls'] >= 3 and cuda['mosaic_calls'] == 0
+    assert tpu['mosaic_calls'] >= 3 and tpu['triton_calls'] == 0
+
+
+def test_sharded_pallas_step_exports_for_cuda_and_tpu(runs):
+  with open(os.path.join(runs, 'export.json')) as f:
+    _check_exports(json.load(f), attention_worker.EXPORTED)
+
+
+@pytest.mark.slow
+def test_wide_layouts_and_exports(tmp_path):
+  runs = _run_worker(tmp_path, wide=True)
+  for family in parallel_worker.FAMILIES:
+    for impl in attention_worker.IMPLS:
+      for layout in attention_worker.WIDE_LAYOUTS:
+        _compare(runs, family, f'{impl}_{layout}')
+  with open(os.path.join(runs, 'export.json')) as f:
+    _check_exports(json.load(f), list(parallel_worker.FAMILIES))
