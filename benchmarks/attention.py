@@ -13,6 +13,13 @@ function (median of `--reps` runs, implementations interleaved).
 Goals: at T = 8192 the blockwise path's temporary memory is at most 1/8 of
 the 'xla' path's; on CPU it is at least as fast as 'xla' for T >= 1024.
 Prints a table and writes benchmarks/results/attention.json.
+
+On a GPU or TPU the default implementations add 'pallas' (the compiled
+kernel), and on a GPU `jax.nn.dot_product_attention(implementation='cudnn')`
+(causal mask only: cuDNN takes no ALiBi slopes or per-example prefixes, so
+it runs the plain causal pattern as a speed yardstick) and tokamax where it
+is installed; each row then also gives dense-equivalent TFLOP/s
+(14 B H T S D flops for forward + backward, however much a mask skips).
 """
 
 from __future__ import annotations
@@ -30,7 +37,25 @@ from glm.model import positions
 
 import report  # benchmarks/report.py, next to this script
 
-IMPLS = ('xla', 'blockwise')
+CPU_IMPLS = ('xla', 'blockwise')
+DEVICE_IMPLS = ('xla', 'blockwise', 'pallas', 'cudnn', 'tokamax')
+
+
+def attention_fn(impl: str, spec):
+  """(q, k, v) -> out for one implementation, or None where unavailable."""
+  if impl in attention_lib.IMPLEMENTATIONS:
+    return lambda q, k, v: attention_lib.attention(q, k, v, spec, impl=impl)
+  if impl == 'cudnn' and jax.default_backend() == 'gpu':
+    return lambda q, k, v: jax.nn.dot_product_attention(
+        q, k, v, is_causal=True, implementation='cudnn')
+  if impl == 'tokamax':
+    try:
+      import tokamax  # pylint: disable=g-import-not-at-top
+    except ImportError:
+      return None
+    return lambda q, k, v: tokamax.dot_product_attention(q, k, v,
+                                                         is_causal=True)
+  return None
 
 
 def make_spec(pattern: str, length: int, heads: int):
@@ -53,11 +78,11 @@ def make_spec(pattern: str, length: int, heads: int):
       q_positions=slots - start, kv_positions=slots - start, kv_prefix=prefix)
 
 
-def compiled(impl: str, spec, q, k, v, g):
+def compiled(fn, q, k, v, g):
   def loss(q, k, v):
-    return jnp.sum(attention_lib.attention(q, k, v, spec, impl=impl) * g)
-  fn = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-  return fn.lower(q, k, v).compile()
+    return jnp.sum(fn(q, k, v).astype(jnp.float32) * g)
+  grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+  return grad.lower(q, k, v).compile()
 
 
 def main() -> None:
@@ -65,7 +90,11 @@ def main() -> None:
   p.add_argument('--lengths', default='256,1024,2048,4096,8192')
   p.add_argument('--heads', type=int, default=8)
   p.add_argument('--head_dim', type=int, default=64)
-  p.add_argument('--reps', type=int, default=3)
+  p.add_argument('--reps', type=int, default=5)
+  on_cpu = jax.default_backend() == 'cpu'
+  p.add_argument('--impls', default=','.join(CPU_IMPLS if on_cpu
+                                             else DEVICE_IMPLS))
+  p.add_argument('--dtype', default='float32' if on_cpu else 'bfloat16')
   p.add_argument('--out', default=os.path.join(report.RESULTS,
                                                'attention.json'))
   args = p.parse_args()
@@ -75,9 +104,13 @@ def main() -> None:
     for length in (int(x) for x in args.lengths.split(',')):
       keys = jax.random.split(jax.random.PRNGKey(0), 4)
       q, k, v, g = (jax.random.normal(kk, (1, length, h, d)) for kk in keys)
+      q, k, v = (a.astype(args.dtype) for a in (q, k, v))
       spec = make_spec(pattern, length, h)
-      fns = {impl: compiled(impl, spec, q, k, v, g) for impl in IMPLS}
-      times = {impl: [] for impl in IMPLS}
+      fns = {impl: attention_fn(impl, spec)
+             for impl in args.impls.split(',')}
+      fns = {impl: compiled(fn, q, k, v, g) for impl, fn in fns.items()
+             if fn is not None}
+      times = {impl: [] for impl in fns}
       for impl, fn in fns.items():
         jax.block_until_ready(fn(q, k, v))  # warm-up
       for _ in range(args.reps):
@@ -85,24 +118,27 @@ def main() -> None:
           t = time.perf_counter()
           jax.block_until_ready(fn(q, k, v))
           times[impl].append(time.perf_counter() - t)
-      row = {}
+      row, name = {}, f'{pattern}_T{length}'
+      flops = 14 * h * length * length * d
       for impl, fn in fns.items():
         row[f'{impl}_s'] = float(np.median(times[impl]))
         row[f'{impl}_temp_bytes'] = int(fn.memory_analysis()
                                         .temp_size_in_bytes)
-      row['blockwise_over_xla_speed'] = row['xla_s'] / row['blockwise_s']
-      row['blockwise_over_xla_temp'] = (row['blockwise_temp_bytes']
-                                        / row['xla_temp_bytes'])
-      name = f'{pattern}_T{length}'
+        table[f'{name}_{impl}_ms'] = row[f'{impl}_s'] * 1e3
+        if not on_cpu:
+          row[f'{impl}_tflops'] = flops / row[f'{impl}_s'] / 1e12
+          table[f'{name}_{impl}_tflops'] = row[f'{impl}_tflops']
+      if 'blockwise' in fns and 'xla' in fns:
+        row['blockwise_over_xla_speed'] = row['xla_s'] / row['blockwise_s']
+        row['blockwise_over_xla_temp'] = (row['blockwise_temp_bytes']
+                                          / row['xla_temp_bytes'])
+        table[f'{name}_speed_ratio'] = row['blockwise_over_xla_speed']
+        table[f'{name}_temp_ratio'] = row['blockwise_over_xla_temp']
       results[name] = row
-      table[f'{name}_xla_ms'] = row['xla_s'] * 1e3
-      table[f'{name}_blockwise_ms'] = row['blockwise_s'] * 1e3
-      table[f'{name}_speed_ratio'] = row['blockwise_over_xla_speed']
-      table[f'{name}_temp_ratio'] = row['blockwise_over_xla_temp']
-      print(f'{name}: xla {row["xla_s"] * 1e3:.1f} ms, '
-            f'{row["xla_temp_bytes"] / 2**20:.0f} MiB; blockwise '
-            f'{row["blockwise_s"] * 1e3:.1f} ms, '
-            f'{row["blockwise_temp_bytes"] / 2**20:.0f} MiB', flush=True)
+      print(name + ': ' + '; '.join(
+          f'{impl} {row[impl + "_s"] * 1e3:.1f} ms, '
+          f'{row[impl + "_temp_bytes"] / 2**20:.0f} MiB' for impl in fns),
+            flush=True)
   report.write(table, args.out, extra={
       'results': results, 'settings': vars(args),
       'devices': [str(x) for x in jax.devices()],

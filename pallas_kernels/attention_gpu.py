@@ -92,7 +92,7 @@ def _forward_kernel(run_ref, q_ref, k_ref, v_ref, *refs, st: Static):
   lse_ref[...] = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), NEG)
 
 
-def _specs(b, h, tp, sp, d, block, *, per_q: bool):
+def _specs(tp, sp, d, block, *, per_q: bool):
   """BlockSpecs for a grid (B, H, n) whose third axis walks query blocks
   (per_q) or key blocks; the other side is passed whole."""
   bq, bk = (block, sp) if per_q else (tp, block)
@@ -103,7 +103,8 @@ def _specs(b, h, tp, sp, d, block, *, per_q: bool):
   return {
       'q': pl.BlockSpec((None, bq, None, d), qi),
       'kv': pl.BlockSpec((None, bk, None, d), ki),
-      'q_tok': pl.BlockSpec((None, bq), lambda b_, h_, i: (b_, qi(b_, h_, i)[1])),
+      'q_tok': pl.BlockSpec((None, bq),
+                            lambda b_, h_, i: (b_, qi(b_, h_, i)[1])),
       'kv_tok': pl.BlockSpec((None, bk),
                              lambda b_, h_, i: (b_, ki(b_, h_, i)[1])),
       'row': pl.BlockSpec((None, None, bq),
@@ -117,7 +118,7 @@ def forward(q, k, v, pattern, st: Static):
   b, tp, h, d = q.shape
   sp = k.shape[1]
   run = block_map(pattern, st.block_q, st.block_k, causal=st.causal)
-  sp_ = _specs(b, h, tp, sp, d, st.block_q, per_q=True)
+  sp_ = _specs(tp, sp, d, st.block_q, per_q=True)
   nk = sp // st.block_k
   in_specs = ([pl.BlockSpec((None, None, nk), lambda b_, h_, i: (b_, i, 0)),
                sp_['q'], sp_['kv'], sp_['kv']]
@@ -206,7 +207,7 @@ def backward(q, k, v, pattern, out, lse, d_out, st: Static):
           + [pattern['slopes']])
   common = dict(compiler_params=_compiler_params(d), interpret=st.interpret)
 
-  s_q = _specs(b, h, tp, sp, d, bq, per_q=True)
+  s_q = _specs(tp, sp, d, bq, per_q=True)
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, st=st),
       grid=(b, h, tp // bq),
@@ -220,7 +221,7 @@ def backward(q, k, v, pattern, out, lse, d_out, st: Static):
       name='glm_flash_dq', **common,
   )(run, q, k, v, d_out, lse, delta, *toks)
 
-  s_k = _specs(b, h, tp, sp, d, bk, per_q=False)
+  s_k = _specs(tp, sp, d, bk, per_q=False)
   whole_row = pl.BlockSpec((None, None, tp), lambda b_, h_, i: (b_, h_, 0))
   dk, dv = pl.pallas_call(
       functools.partial(_dkv_kernel, st=st),

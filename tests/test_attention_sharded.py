@@ -85,3 +85,25 @@ def test_wide_layouts_and_exports(tmp_path):
         _compare(runs, family, f'{impl}_{layout}')
   with open(os.path.join(runs, 'export.json')) as f:
     _check_exports(json.load(f), list(parallel_worker.FAMILIES))
+
+
+@pytest.mark.slow
+def test_training_with_each_implementation_gives_the_xla_losses(tmp_path,
+                                                                data_dir):
+  """`glm train` on the tiny model for a few steps (fp32): 'pallas'
+  (interpret) and 'blockwise' log the losses of 'xla'."""
+  from train_cli import train  # pylint: disable=g-import-not-at-top
+  losses = {}
+  for impl in ('xla', 'pallas', 'blockwise'):
+    w = tmp_path / impl
+    out = train(w, data_dir, '--gin.TRAIN_STEPS=6',
+                "--gin.ModelConfig.dtype='float32'",
+                f"--gin.ModelConfig.attention_impl='{impl}'")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f'; attention {impl}' in out.stdout
+    rows = [json.loads(l) for l in open(w / 'metrics.jsonl')]
+    losses[impl] = np.array([r['loss'] for r in rows])
+  assert len(losses['xla']) == 6 and np.ptp(losses['xla']) > 1e-3
+  for impl in ('pallas', 'blockwise'):
+    np.testing.assert_allclose(losses[impl], losses['xla'], rtol=1e-4,
+                               err_msg=impl)

@@ -3,11 +3,16 @@ mode) against the plain-jnp reference and the model's 'xla' path, forward and
 gradient; tile skipping; argument errors; `jax.export` for cuda and tpu.
 
 Small shapes (interpret mode is slow); blocks smaller than the rows so every
-case crosses tiles. The `slow` marker adds a wider sweep."""
+case crosses tiles. The `slow` marker adds a wider sweep.
+
+On a GPU or TPU machine, GLM_PALLAS_COMPILED=1 runs the same checks through
+the compiled kernel of that chip instead of the interpreter (the other
+backend's cases are skipped): benchmarks/device_attention.sh does that."""
 
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +29,19 @@ from glm.pallas_kernels import attention_gpu, attention_tpu
 
 BLOCKS = {'gpu': pallas_kernels.BlockSizes(16, 16, 16, 32),
           'tpu': pallas_kernels.BlockSizes(16, 128, 8, 128)}
+COMPILED = os.environ.get('GLM_PALLAS_COMPILED') == '1'
+INTERPRET = not COMPILED
 H, D = 3, 24  # 3 heads: BLOOM's slope rule for a count that is no power of 2
+
+
+@pytest.fixture(autouse=True)
+def _on_this_chip(request):
+  """Compiled runs take only the cases of the machine's own chip."""
+  backend = getattr(request.node, 'callspec', None)
+  backend = backend and backend.params.get('backend')
+  if COMPILED and backend and backend != {'gpu': 'gpu', 'tpu': 'tpu'}.get(
+      jax.default_backend()):
+    pytest.skip(f'{backend} kernel: not this machine\'s chip')
 
 
 def make_spec(case: str, t: int, seed: int = 0) -> attention_lib.AttentionSpec:
@@ -73,7 +90,8 @@ def _value_and_grads(fn, q, k, v, d_out):
 
 
 def _kernel_fn(spec, backend, **extra):
-  options = dict(fused.kernel_options(spec), backend=backend, interpret=True,
+  options = dict(fused.kernel_options(spec), backend=backend,
+                 interpret=INTERPRET,
                  block_sizes=BLOCKS[backend], **extra)
   return (lambda q, k, v: pallas_kernels.flash_attention(q, k, v, **options),
           lambda q, k, v: pallas_kernels.flash_attention_reference(
@@ -125,9 +143,11 @@ def test_residuals_equal_the_forward_reference(backend):
   """The saved log-sum-exp, not only the output, is the reference's."""
   spec = make_spec('prefix', 40)
   q, k, v, _ = _data(spec)
-  options = dict(fused.kernel_options(spec), backend=backend, interpret=True,
+  options = dict(fused.kernel_options(spec), backend=backend,
+                 interpret=INTERPRET,
                  block_sizes=BLOCKS[backend])
-  qp, kp, vp, pattern, st, _ = kernels._prepare(q, k, v, **{**kernels._DEFAULTS, **options})
+  qp, kp, vp, pattern, st, _ = kernels._prepare(
+      q, k, v, **{**kernels._DEFAULTS, **options})
   mod = attention_gpu if backend == 'gpu' else attention_tpu
   out, lse = mod.forward(qp, kp, vp, pattern, st)
   want_out, want_lse = kernels.mha_forward_reference(qp, kp, vp, pattern, st)
@@ -143,8 +163,10 @@ def test_residuals_equal_the_forward_reference(backend):
 def test_backward_reference_is_the_gradient_of_the_forward_one():
   spec = make_spec('causal_alibi', 24)
   q, k, v, d_out = _data(spec)
-  options = dict(fused.kernel_options(spec), backend='gpu', interpret=True)
-  qp, kp, vp, pattern, st, crop = kernels._prepare(q, k, v, **{**kernels._DEFAULTS, **options})
+  options = dict(fused.kernel_options(spec), backend='gpu',
+                 interpret=INTERPRET)
+  qp, kp, vp, pattern, st, _ = kernels._prepare(
+      q, k, v, **{**kernels._DEFAULTS, **options})
   d_pad = jnp.zeros(qp.shape).at[:, :24, :, :D].set(d_out)
   out, lse = kernels.mha_forward_reference(qp, kp, vp, pattern, st)
   got = kernels.mha_backward_reference(qp, kp, vp, pattern, st, out, lse,
@@ -189,7 +211,8 @@ def test_skipped_tiles_are_not_computed(backend):
   poison = jnp.arange(s)[None, :, None, None] >= 128
   k_bad, v_bad = (jnp.where(poison, jnp.nan, a) for a in (k, v))
   options = dict(q_segment_ids=seg_q, kv_segment_ids=seg_kv, causal=False,
-                 backend=backend, interpret=True, block_sizes=BLOCKS[backend])
+                 backend=backend, interpret=INTERPRET,
+                 block_sizes=BLOCKS[backend])
   got = pallas_kernels.flash_attention(q, k_bad, v_bad, **options)
   want = pallas_kernels.flash_attention_reference(q, k, v, **options)
   assert np.isfinite(np.asarray(got)).all()

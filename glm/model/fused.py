@@ -27,7 +27,7 @@ from jax.sharding import PartitionSpec as P
 
 from glm.pallas_kernels import attention as pallas_kernels
 
-AUTO_BLOCKWISE_FROM = 2048
+AUTO_BLOCKWISE_FROM = 1024
 
 
 def kernel_options(spec) -> dict:
