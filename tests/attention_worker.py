@@ -4,8 +4,9 @@
 
 For every family of tests/parallel_worker.py it runs a few real sharded train
 steps with attention_impl 'pallas' (the GPU kernel in interpret mode, inside
-shard_map) and 'blockwise' on the data x tensor x pipeline layout (and FSDP
-with --wide), and the one-device 'xla' steps they must equal, writing
+shard_map) and 'blockwise' on the data x tensor x pipeline layout
+(`DEFAULT_RUNS`; every family and implementation, and FSDP too, with
+--wide), and the one-device 'xla' steps they must equal, writing
 OUT_DIR/<family>/<impl>_<layout>.npz. Then it exports the sharded 'pallas'
 train step of the GLM family (every family with --wide) for 'cuda' and
 'tpu' and writes OUT_DIR/export.json (platforms, serialised size, kernel
@@ -35,7 +36,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import parallel_worker  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 IMPLS = ('pallas', 'blockwise')
-LAYOUTS = ('combo',)
+# The default suite's share (the rest runs with --wide, behind `slow`):
+# family -> implementations on the data x tensor x pipeline layout.
+DEFAULT_RUNS = {'bloom': ('pallas',), 'glm': ('pallas', 'blockwise')}
 WIDE_LAYOUTS = ('combo', 'fsdp')
 EXPORTED = ('glm',)
 STEPS = 2
@@ -67,13 +70,16 @@ def export_step(cfg, platform: str) -> dict:
 def main(out_dir: str, wide: bool) -> None:
   exports = {}
   for family, base in parallel_worker.FAMILIES.items():
+    impls = IMPLS if wide else DEFAULT_RUNS.get(family, ())
+    if not impls:
+      continue
     os.makedirs(os.path.join(out_dir, family), exist_ok=True)
     batches = parallel_worker.make_batches(family, STEPS)
     ref = parallel_worker.run(base, batches, None)
     np.savez(os.path.join(out_dir, family, 'xla_single.npz'), **ref)
-    for impl in IMPLS:
+    for impl in impls:
       cfg = dataclasses.replace(base, attention_impl=impl)
-      for layout in WIDE_LAYOUTS if wide else LAYOUTS:
+      for layout in WIDE_LAYOUTS if wide else ('combo',):
         got = parallel_worker.run(cfg, batches, layout)
         np.savez(os.path.join(out_dir, family, f'{impl}_{layout}.npz'), **got)
         print(family, impl, layout, got['losses'], flush=True)

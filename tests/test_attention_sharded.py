@@ -4,8 +4,9 @@ step exports for cuda and tpu.
 
 The steps run in tests/attention_worker.py on 8 faked CPU devices (a
 subprocess: the device count is fixed when JAX starts). The default suite
-runs the data x tensor x pipeline layout and exports the GLM family; the
-`slow` marker adds FSDP and every family's export.
+runs BLOOM with 'pallas' and GLM with both on the data x tensor x pipeline
+layout and exports the GLM step; the `slow` marker adds UL2, FSDP and every
+family's export.
 """
 
 from __future__ import annotations
@@ -54,8 +55,9 @@ def _compare(runs, family, name):
                                err_msg=k)
 
 
-@pytest.mark.parametrize('impl', attention_worker.IMPLS)
-@pytest.mark.parametrize('family', list(parallel_worker.FAMILIES))
+@pytest.mark.parametrize('family, impl', [
+    (family, impl) for family, impls in attention_worker.DEFAULT_RUNS.items()
+    for impl in impls])
 def test_sharded_steps_equal_xla(runs, family, impl):
   _compare(runs, family, f'{impl}_combo')
 

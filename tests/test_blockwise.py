@@ -24,9 +24,13 @@ def _grads(impl, spec, q, k, v, d_out, **kw):
   return out, grads
 
 
-@pytest.mark.parametrize('family', ['bloom', 'glm'])
-@pytest.mark.parametrize('field', cases.FIELDS)
-@pytest.mark.parametrize('queries', [cases.T, 5])
+@pytest.mark.parametrize('family, field, queries', [
+    ('bloom' if i % 2 else 'glm', field, cases.T)
+    for i, field in enumerate(cases.FIELDS)] + [
+        (family, 'everything', 5) for family in ('bloom', 'glm')] + [
+            pytest.param(family, field, queries, marks=pytest.mark.slow)
+            for family in ('bloom', 'glm') for field in cases.FIELDS
+            for queries in (cases.T, 5)])
 def test_blockwise_equals_xla(family, field, queries):
   cfg, batch = cases.make_cfg(family), cases.make_batch(field, seed=1)
   spec = attention_lib.attention_context(cfg, batch).spec
