@@ -12,6 +12,10 @@
   glm convert hf-to-glm --hf_dir D --out C
   glm convert glm-to-hf --checkpoint C --out D
   glm score   --checkpoint C --input IN.jsonl --output OUT.jsonl
+  glm generate --checkpoint C (--input IN.jsonl --output OUT.jsonl | --prompt
+              TEXT) [--max_new_tokens N] [--temperature T] [--top_k K]
+              [--top_p P] [--num_beams B] [--length_penalty A] [--seed S]
+              [--batch_size N]
   glm data preview --task T [--n N --seed S --seq_len T]
   glm data card | fertility [--data_dir D]
 
@@ -119,6 +123,21 @@ def _parser() -> argparse.ArgumentParser:
   score.add_argument('--input', required=True)
   score.add_argument('--output', required=True)
   score.add_argument('--batch_size', type=int, default=8)
+  gen = sub.add_parser('generate', help='continue prompts: greedy, sampling '
+                       '(temperature, top-k, top-p) or beam search')
+  gen.add_argument('--checkpoint', required=True)
+  gen.add_argument('--input')
+  gen.add_argument('--output')
+  gen.add_argument('--prompt')
+  gen.add_argument('--max_new_tokens', type=int, default=64)
+  gen.add_argument('--temperature', type=float, default=0.0,
+                   help='0 (default) is greedy')
+  gen.add_argument('--top_k', type=int, default=0)
+  gen.add_argument('--top_p', type=float, default=1.0)
+  gen.add_argument('--num_beams', type=int, default=1)
+  gen.add_argument('--length_penalty', type=float, default=1.0)
+  gen.add_argument('--seed', type=int, default=0)
+  gen.add_argument('--batch_size', type=int, default=8)
   data = sub.add_parser('data', help='inspect data: preview examples, the '
                         'data card, the tokenizer fertility report')
   dsub = data.add_subparsers(dest='data_command', required=True,
@@ -276,9 +295,23 @@ def _cmd_score(args, bindings) -> None:
               batch_size=args.batch_size)
 
 
+def _cmd_generate(args, bindings) -> None:
+  del bindings
+  from glm.inference import generate_cli  # pylint: disable=g-import-not-at-top
+  options = generate_cli.Options(
+      max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+      top_k=args.top_k, top_p=args.top_p, num_beams=args.num_beams,
+      length_penalty=args.length_penalty, seed=args.seed,
+      batch_size=args.batch_size)
+  generate_cli.run(args.checkpoint, input_path=args.input,
+                   output_path=args.output, prompt=args.prompt,
+                   options=options)
+
+
 _COMMANDS = {'info': _cmd_info, 'plan': _cmd_plan, 'train': _cmd_train,
              'launch-local': _cmd_launch_local,
              'convert': _cmd_convert, 'score': _cmd_score,
+             'generate': _cmd_generate,
              'data': _cmd_data}
 
 

@@ -29,4 +29,6 @@ def test_default_run_learns(tmp_path):
   final = json.loads((workdir / 'final.json').read_text())
   assert final['eval_loss'] < 6.2
   assert 'greedy sample:' in out.stdout
+  assert 'sampled (temperature 0.8, top-p 0.95, seed 0):' in out.stdout
+  assert isinstance(final['sampled'], str) and final['sampled']
   assert sorted(os.listdir(workdir / 'checkpoints')) == ['200', '300']

@@ -36,6 +36,13 @@ class ScoreInputError(UserError):
 def read_inputs(path: str, cfg: ModelConfig,
                 tokenizer: Any | None) -> list[list[int]]:
   """Parses and validates every line before any compute."""
+  return [toks for toks, _ in read_rows(path, cfg, tokenizer)]
+
+
+def read_rows(path: str, cfg: ModelConfig, tokenizer: Any | None
+              ) -> list[tuple[list[int], dict]]:
+  """Every line's token ids and its JSON object (`glm score` and
+  `glm generate` inputs), all validated before any compute."""
   seqs = []
   with open(path, encoding='utf-8') as f:
     for lineno, line in enumerate(f, 1):
@@ -78,11 +85,11 @@ def read_inputs(path: str, cfg: ModelConfig,
         raise ScoreInputError(
             f'{where}: sequence of {len(toks)} tokens is longer than the '
             f'model allows (max_len={cfg.max_len}); split it into pieces.')
-      seqs.append(toks)
+      seqs.append((toks, obj))
   return seqs
 
 
-def _bucket(n: int, max_len: int) -> int:
+def bucket(n: int, max_len: int) -> int:
   b = 16
   while b < n:
     b *= 2
@@ -110,7 +117,7 @@ def score(cfg: ModelConfig, params: Any, seqs: Sequence[list[int]], *,
       print(f'glm score: {start}/{len(seqs)} sequences, '
             f'{last - t0:.0f}s', file=sys.stderr, flush=True)
     idx = order[start:start + batch_size]
-    length = _bucket(max(len(seqs[i]) for i in idx), cfg.max_len)
+    length = bucket(max(len(seqs[i]) for i in idx), cfg.max_len)
     tokens = np.zeros((batch_size, length), np.int32)
     segs = np.zeros((batch_size, length), np.int32)
     for row, i in enumerate(idx):

@@ -264,11 +264,41 @@ CONTEXT_FIELDS = ('tokens', 'segment_ids', 'prefix_len', 'prefix_mask',
                   'position_ids', 'block_position_ids')
 
 
+# The extra batch fields of a forward against a KV cache: `cache_index` (a
+# scalar: the cache slot of the first new token) and the whole cache's
+# per-key arrays `kv_segment_ids`, `kv_positions` [B, S] (0 = an empty or
+# padding slot), optional `kv_prefix` [B, S] bool.
+CACHE_FIELDS = ('cache_index', 'kv_segment_ids', 'kv_positions', 'kv_prefix')
+
+
 class AttentionContext(NamedTuple):
-  """What every layer of one forward shares: the attention spec and the
-  RoPE tables (((cos, sin),) for 1D, two pairs for 2D, or None)."""
+  """What every layer of one forward shares: the attention spec, the RoPE
+  tables (((cos, sin),) for 1D, two pairs for 2D, or None) and, when
+  decoding, the KV-cache slot where this forward's keys and values go."""
   spec: AttentionSpec
   rope: tuple | None
+  cache_index: jax.Array | None = None
+
+
+def cached_spec(batch: dict, *,
+                alibi_slopes: jax.Array | None = None) -> AttentionSpec:
+  """T new tokens (cache slots cache_index ..) against the S slots of the
+  cache, whose per-key arrays the batch carries (`CACHE_FIELDS`)."""
+  tokens = batch['tokens']
+  b, t = tokens.shape
+  kv_seg = batch['kv_segment_ids']
+  s = kv_seg.shape[1]
+  seg = batch.get('segment_ids')
+  seg = jnp.ones_like(tokens) if seg is None else seg
+  q_slots = batch['cache_index'] + jnp.arange(t, dtype=jnp.int32)
+  prefix = batch.get('kv_prefix')
+  return AttentionSpec(
+      q_segment_ids=seg, kv_segment_ids=kv_seg,
+      q_slots=jnp.broadcast_to(q_slots, (b, t)),
+      kv_slots=jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s)),
+      q_positions=batch['position_ids'], kv_positions=batch['kv_positions'],
+      kv_prefix=None if prefix is None else prefix.astype(bool),
+      alibi_slopes=alibi_slopes)
 
 
 def attention_context(cfg: ModelConfig, batch: dict) -> AttentionContext:
@@ -293,6 +323,9 @@ def attention_context(cfg: ModelConfig, batch: dict) -> AttentionContext:
       block_ids = jnp.zeros_like(position_ids)
     rope = (positions.rope_angles(position_ids, half, cfg.rope_base),
             positions.rope_angles(block_ids, half, cfg.rope_base))
+  if batch.get('cache_index') is not None:
+    return AttentionContext(cached_spec(batch, alibi_slopes=slopes), rope,
+                            jnp.asarray(batch['cache_index'], jnp.int32))
   return AttentionContext(spec_from_batch(batch, alibi_slopes=slopes), rope)
 
 
@@ -329,6 +362,9 @@ class Attention(nn.Module):
       k = positions.apply_rope_2d(k, ctx.rope[0], ctx.rope[1])
 
     q, k, v = (a.astype(policy.matmul) for a in (q, k, v))
+    if ctx.cache_index is not None:  # write the new keys, attend to all
+      k, v = (self._cache(name, a, ctx) for name, a in (('key', k),
+                                                        ('value', v)))
     out = attention(q, k, v, ctx.spec, impl=cfg.attention_impl)  # [B,T,H,D]
     out_axes = ('heads', 'kv', 'embed')
     wo = param(self, 'out', kernel_init(cfg, scaled=True, in_axis=[0, 1],
@@ -338,3 +374,16 @@ class Attention(nn.Module):
       y = y + param(self, 'out_bias', nn.initializers.zeros, (e,),
                     ('embed',)).astype(dt)
     return y
+
+  def _cache(self, name: str, new: jax.Array,
+             ctx: AttentionContext) -> jax.Array:
+    """The layer's cached keys or values [B, S, H, D] (collection 'cache',
+    logical axes batch, length, heads, kv) with `new` [B, T, H, D] written
+    at slot ctx.cache_index; returns the whole cache."""
+    b, _, h, d = new.shape
+    axes = ('batch', 'length', 'heads', 'kv')
+    var = self.variable('cache', name, nn.with_logical_partitioning(
+        jnp.zeros, axes), (b, ctx.spec.kv_len, h, d), new.dtype)
+    var.value = jax.lax.dynamic_update_slice(
+        var.value, new.astype(var.value.dtype), (0, ctx.cache_index, 0, 0))
+    return nn.with_logical_constraint(var.value, axes)

@@ -110,10 +110,13 @@ class Transformer(nn.Module):
       block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat_policy],
                        prevent_cse=not cfg.scan_layers)
     if self.pipeline is not None:
+      if ctx.cache_index is not None:
+        raise ValueError('decoding with a KV cache runs without pipeline '
+                         'stages; build the Transformer without `pipeline`.')
       x = self._pipelined_layers(x, batch, deterministic)
     elif cfg.scan_layers:
       x, _ = nn.scan(
-          block, variable_axes={'params': 0},
+          block, variable_axes={'params': 0, 'cache': 0},
           split_rngs={'params': True, 'dropout': True},
           in_axes=(nn.broadcast,), length=cfg.num_layers,
           metadata_params={nn.PARTITION_NAME: 'layers'},

@@ -34,6 +34,7 @@ import orbax.checkpoint as ocp
 from glm.data import pipeline
 from glm.evaluation import heldout
 from glm.inference import decoding
+from glm.inference import generate as generate_lib
 from glm.model import checkpoint as model_checkpoint
 from glm.model.config import ModelConfig
 from glm.model.layers import precision, resolve_dtype
@@ -51,6 +52,9 @@ from glm.training.workdir import TrainError
 
 
 # Peak FLOP/s of named accelerators (dense bf16), for MFU.
+# The end-of-run sampled continuation (next to the greedy one).
+SAMPLE_SAMPLING = generate_lib.Sampling(temperature=0.8, top_p=0.95)
+
 PEAK_FLOPS = {'a100': 312e12, 'h100': 989e12, 'h200': 989e12,
               'tpu_v4': 275e12, 'tpu_v5e': 197e12}
 
@@ -499,16 +503,23 @@ def finish(run: Run, data: RunData, state: dict, evaluate: Callable,
         f'{math.exp(min(eval_loss, 50)):.1f})', flush=True)
   tok, cfg = data.tokenizer, run.cfg
   prompt = tok.encode(sample_prompt)
-  new = decoding.greedy_generate(cfg, params, prompt,
-                                 min(sample_tokens, cfg.max_len - len(prompt)),
-                                 eos_id=tok.eos_id)
+  num_new = min(sample_tokens, cfg.max_len - len(prompt))
+  new = decoding.greedy_generate(cfg, params, prompt, num_new,
+                                 eos_id=tok.eos_id) if num_new > 0 else []
   sample = tok.decode(prompt + new)
   print(f'greedy sample: {sample!r}', flush=True)
+  sampled = None
+  if num_new > 0:
+    sampled = tok.decode(prompt + generate_lib.generate(
+        cfg, params, [prompt], max_new_tokens=num_new, eos_id=tok.eos_id,
+        sampling=SAMPLE_SAMPLING, seed=0)[0])
+    print(f'sampled (temperature {SAMPLE_SAMPLING.temperature}, top-p '
+          f'{SAMPLE_SAMPLING.top_p}, seed 0): {sampled!r}', flush=True)
   files.close()
   model_dir = files.path('model')
   result = {'step': run.train_steps, 'train_loss': train_loss,
             'eval_loss': eval_loss, 'skipped_steps': skipped,
-            'sample': sample, 'model_dir': model_dir,
+            'sample': sample, 'sampled': sampled, 'model_dir': model_dir,
             'elapsed_s': time.time() - t_start}
   if not files.lead:
     return result
