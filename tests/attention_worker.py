@@ -38,7 +38,7 @@ import parallel_worker  # pylint: disable=g-import-not-at-top,wrong-import-posit
 IMPLS = ('pallas', 'blockwise')
 # The default suite's share (the rest runs with --wide, behind `slow`):
 # family -> implementations on the data x tensor x pipeline layout.
-DEFAULT_RUNS = {'bloom': ('pallas',), 'glm': ('pallas', 'blockwise')}
+DEFAULT_RUNS = {'glm': ('pallas', 'blockwise')}
 WIDE_LAYOUTS = ('combo', 'fsdp')
 EXPORTED = ('glm',)
 STEPS = 2

@@ -4,9 +4,9 @@ step exports for cuda and tpu.
 
 The steps run in tests/attention_worker.py on 8 faked CPU devices (a
 subprocess: the device count is fixed when JAX starts). The default suite
-runs BLOOM with 'pallas' and GLM with both on the data x tensor x pipeline
-layout and exports the GLM step; the `slow` marker adds UL2, FSDP and every
-family's export.
+runs GLM (2D RoPE, prefixes, packed rows) with both on the data x tensor x
+pipeline layout and exports its step; the `slow` marker adds BLOOM (ALiBi),
+UL2, FSDP and every family's export.
 """
 
 from __future__ import annotations

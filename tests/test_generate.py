@@ -80,7 +80,8 @@ def test_cached_logits_equal_full_recomputation(family):
   np.testing.assert_allclose(cached, want, rtol=1e-5, atol=2e-5)
 
 
-@pytest.mark.parametrize('impl', ['blockwise', 'pallas'])
+@pytest.mark.parametrize('impl', [
+    pytest.param('blockwise', marks=pytest.mark.slow), 'pallas'])
 def test_every_attention_implementation_decodes(impl):
   """T = 1 queries against S cached keys through 'blockwise' and the
   kernel (interpret mode) give the 'xla' logits."""
