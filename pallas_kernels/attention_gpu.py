@@ -31,17 +31,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from glm.pallas_kernels.common import NEG, Static, block_map, tile_scores
+from glm.pallas_kernels.common import tile_dot as _dot
 
 _Q_FIELDS = ('q_seg', 'q_slot', 'q_pos')
 _KV_FIELDS = ('kv_seg', 'kv_slot', 'kv_pos', 'kv_pre')
-
-
-def _dot(a, b, contract):
-  """2-D product with fp32 accumulation; contract = (a_dim, b_dim)."""
-  prec = (lax.Precision.HIGHEST if a.dtype == jnp.float32
-          else lax.Precision.DEFAULT)
-  return lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())),
-                         precision=prec, preferred_element_type=jnp.float32)
 
 
 def _compiler_params(d: int):

@@ -31,21 +31,14 @@ import contextlib
 import functools
 
 import jax
-from jax import lax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from glm.pallas_kernels.common import NEG, Static, block_map, tile_scores
+from glm.pallas_kernels.common import tile_dot as _dot
 
 LANES = 128
-
-
-def _dot(a, b, contract):
-  prec = (lax.Precision.HIGHEST if a.dtype == jnp.float32
-          else lax.Precision.DEFAULT)
-  return lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())),
-                         precision=prec, preferred_element_type=jnp.float32)
 
 
 def _mode(st: Static):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
@@ -110,3 +111,11 @@ def tile_scores(s, q_info, kv_info, slope, st: Static):
   return jnp.where(visible, s, NEG), visible
 
 
+def tile_dot(a, b, contract):
+  """A 2-D tile product with fp32 accumulation, contract = (a_dim, b_dim):
+  fp32 inputs multiply in IEEE fp32 (HIGHEST: not TF32 on GPUs, not bf16
+  passes on TPUs), bf16 inputs natively. Shared by both backends' kernels."""
+  prec = (lax.Precision.HIGHEST if a.dtype == jnp.float32
+          else lax.Precision.DEFAULT)
+  return lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())),
+                         precision=prec, preferred_element_type=jnp.float32)
