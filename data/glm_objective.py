@@ -14,6 +14,9 @@ Worked example, source [a b c d e f], spans (b c) and (e), Part B order
   position_ids       0 1 2 3 4 | 3 3 | 1 1 1   (B: its mask's index in A)
   block_position_ids 0 0 0 0 0 | 1 2 | 1 2 3   (1..l+1 along a span)
   prefix_len 5 (= |A|). Its length is L + 2 * (number of spans).
+With `gmask_positions='continue'` (GLM-130B's 1D RoPE) a [gMASK] span's
+Part B takes positions |A|, |A| + 1, ... instead of its mask's index, so a
+[gMASK] example reads like a causal continuation.
 
 Span choice (DESIGN section 4):
   mask   Lengths are iid Poisson(lambda) draws resampled until they fall in
@@ -47,6 +50,7 @@ from glm.data import objectives
 
 
 GLM_OBJECTIVES = ('mask', 'smask', 'gmask')
+GMASK_POSITIONS = ('mask', 'continue')
 MIN_LENGTH = 2
 SENTENCE_END_CHARS = '.?!;:。？！；…\n'
 _NEWLINE_BYTE_PIECE = '<0x0A>'
@@ -191,7 +195,8 @@ def glm_example(source, special: objectives.SpecialIds,
                 rng: np.random.Generator, *, objective: str,
                 sentence_end=None, mask_ratio: float = 0.15,
                 poisson_lambda: float = 3.0, max_span: int = 39,
-                gmask_min_ratio: float = 0.2) -> objectives.Example:
+                gmask_min_ratio: float = 0.2,
+                gmask_positions: str = 'mask') -> objectives.Example:
   """One GLM blank-infilling example from a source window (see module doc).
 
   Args:
@@ -205,12 +210,16 @@ def glm_example(source, special: objectives.SpecialIds,
     poisson_lambda: mean of the untruncated span-length Poisson ('mask').
     max_span: the longest [MASK] span.
     gmask_min_ratio: the shortest [gMASK] span as a fraction of L.
+    gmask_positions: 'mask' (Part B at the mask's index, GLM) or 'continue'
+      (a [gMASK] span at |A|, |A| + 1, ..., GLM-130B's 1D RoPE).
 
   Returns:
     The example; length L + 2 * (number of spans), see `max_glm_length`.
   """
   if objective not in GLM_OBJECTIVES:
     raise DataError(f'{objective=} is not one of {GLM_OBJECTIVES}.')
+  if gmask_positions not in GMASK_POSITIONS:
+    raise DataError(f'{gmask_positions=} is not one of {GMASK_POSITIONS}.')
   source = objectives.check_source(source, min_length=MIN_LENGTH,
                                    objective=f'glm {objective}')
   length = source.size
@@ -226,11 +235,13 @@ def glm_example(source, special: objectives.SpecialIds,
   else:
     starts, lengths = gmask_span(rng, length, gmask_min_ratio=gmask_min_ratio)
   return _layout(source, starts, lengths, _mask_id(objective, special),
-                 special, rng, objective)
+                 special, rng, objective,
+                 continue_positions=(objective == 'gmask'
+                                     and gmask_positions == 'continue'))
 
 
-def _layout(source, starts, lengths, mask_id, special, rng,
-            objective) -> objectives.Example:
+def _layout(source, starts, lengths, mask_id, special, rng, objective, *,
+            continue_positions=False) -> objectives.Example:
   """A ++ B from spans (starts, lengths) sorted by start, non-overlapping."""
   length, k, masked = source.size, starts.size, int(lengths.sum())
   # Part A: drop every span token but the first, which becomes the mask.
@@ -254,12 +265,14 @@ def _layout(source, starts, lengths, mask_id, special, rng,
   b_tgt = np.where(last, special.eop,
                    source[np.minimum(first + t, length - 1)])
   n_a = part_a.size
+  b_pos = np.repeat(mask_pos[order], b_len)               # [M + k]
+  if continue_positions:                                  # one [gMASK] span
+    b_pos = n_a + t
   return objectives.make_example(
       tokens=np.concatenate([part_a, b_in]),
       targets=np.concatenate([part_a, b_tgt]),
       loss_mask=np.concatenate([np.zeros(n_a), np.ones(masked + k)]),
-      position_ids=np.concatenate([np.arange(n_a),
-                                   np.repeat(mask_pos[order], b_len)]),
+      position_ids=np.concatenate([np.arange(n_a), b_pos]),
       block_position_ids=np.concatenate([np.zeros(n_a), t + 1]),
       prefix_len=n_a, objective=objective)
 
@@ -281,6 +294,8 @@ def reconstruct_source(example: objectives.Example,
   for j, head in enumerate(heads):
     end = heads[j + 1] if j + 1 < heads.size else b_tok.size
     pos = int(example['position_ids'][n_a + head])
+    if pos >= n_a:  # gmask_positions='continue': the [gMASK] ends Part A
+      pos = n_a - 1
     if (b_tok[head] != special.sop or b_tgt[end - 1] != special.eop
         or part_a[pos] not in mask_ids or pos in spans):
       raise DataError(f'Part B block {j} at {n_a + head} is malformed.')

@@ -112,8 +112,12 @@ class Pipeline:
   """Examples, packed rows and batches of a task mixture over one split."""
 
   def __init__(self, data: SplitData, config: DataConfig, *, seq_len: int,
-               batch_size: int = 1, seed: int = 0):
+               batch_size: int = 1, seed: int = 0,
+               gmask_positions: str = 'mask'):
+    """`gmask_positions` is the model's (`ModelConfig.gmask_positions`):
+    where a [gMASK] span's Part B sits, see `glm_objective`."""
     self.data = data
+    self.gmask_positions = gmask_positions
     self.config = config
     self.seq_len = seq_len
     self.batch_size = batch_size
@@ -148,7 +152,8 @@ class Pipeline:
       objective = 'mask'  # one sentence only: nothing whole to take out
     ex = glm_objective.glm_example(window, self.special, rng,
                                    objective=objective, sentence_end=ends,
-                                   mask_ratio=self.config.mask_ratio)
+                                   mask_ratio=self.config.mask_ratio,
+                                   gmask_positions=self.gmask_positions)
     ex['source_tokens'] = window
     return ex
 

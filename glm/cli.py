@@ -15,7 +15,7 @@
   glm generate --checkpoint C (--input IN.jsonl --output OUT.jsonl | --prompt
               TEXT) [--max_new_tokens N] [--temperature T] [--top_k K]
               [--top_p P] [--num_beams B] [--length_penalty A] [--seed S]
-              [--batch_size N]
+              [--batch_size N] [--mode auto|continue|infill]
   glm data preview --task T [--n N --seed S --seq_len T]
   glm data card | fertility [--data_dir D]
 
@@ -138,6 +138,11 @@ def _parser() -> argparse.ArgumentParser:
   gen.add_argument('--length_penalty', type=float, default=1.0)
   gen.add_argument('--seed', type=int, default=0)
   gen.add_argument('--batch_size', type=int, default=8)
+  gen.add_argument('--mode', default='auto',
+                   help="auto (default: infill prompts holding [MASK] / "
+                   "[sMASK] / [gMASK], continue the rest), continue, or "
+                   "infill (GLM blank infilling; [gMASK] appended where a "
+                   "prompt has no blank)")
   data = sub.add_parser('data', help='inspect data: preview examples, the '
                         'data card, the tokenizer fertility report')
   dsub = data.add_subparsers(dest='data_command', required=True,
@@ -302,7 +307,7 @@ def _cmd_generate(args, bindings) -> None:
       max_new_tokens=args.max_new_tokens, temperature=args.temperature,
       top_k=args.top_k, top_p=args.top_p, num_beams=args.num_beams,
       length_penalty=args.length_penalty, seed=args.seed,
-      batch_size=args.batch_size)
+      batch_size=args.batch_size, mode=args.mode)
   generate_cli.run(args.checkpoint, input_path=args.input,
                    output_path=args.output, prompt=args.prompt,
                    options=options)

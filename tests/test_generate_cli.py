@@ -72,7 +72,7 @@ def test_trained_checkpoint_text_in_text_out_and_errors(tmp_path, data_dir,
   ckpt = str(w / 'model')
   (tmp_path / 'in.jsonl').write_text(
       json.dumps({'text': 'The river', 'k': 1}) + '\n'
-      + json.dumps({'tokens': [5, 6, 7]}) + '\n')
+      + json.dumps({'tokens': [200, 201, 202]}) + '\n')
   res = glm('generate', '--checkpoint', ckpt, '--input',
             str(tmp_path / 'in.jsonl'), '--output',
             str(tmp_path / 'out.jsonl'), '--max_new_tokens', '4')
@@ -85,6 +85,7 @@ def test_trained_checkpoint_text_in_text_out_and_errors(tmp_path, data_dir,
   assert cli.main(['generate', '--checkpoint', ckpt, '--prompt', 'The river',
                    '--max_new_tokens', '4']) == 0
   assert capsys.readouterr().out.startswith('The river')
+  _check_infill_lines(tmp_path, ckpt)
   bad = tmp_path / 'bad.jsonl'
   bad.write_text(json.dumps({'tokens': [5, 10 ** 6]}) + '\n')
   for args, needle in (
@@ -95,12 +96,53 @@ def test_trained_checkpoint_text_in_text_out_and_errors(tmp_path, data_dir,
       (['--prompt', 'a', '--num_beams', '2', '--temperature', '0.7'],
        '--num_beams=2 searches deterministically'),
       (['--prompt', 'a', '--top_p', '1.5'], 'top_p=1.5'),
+      (['--prompt', 'a', '--mode', 'fill'], "--mode='fill'"),
+      (['--prompt', 'a', '--mode', 'infill', '--num_beams', '2'],
+       'drop --num_beams'),
       (['--input', str(bad)], '--input needs --output'),
       ([], 'give either --prompt'),
   ):
     line = _error_line(capsys, '--checkpoint', ckpt, *args)
     assert line.startswith('glm generate: error:') and needle in line, line
   assert not (tmp_path / 'x.jsonl').exists()
+
+
+def _check_infill_lines(tmp_path, ckpt):
+  """--mode auto infills the lines holding a blank (each span spliced in
+  its blank's place) and continues the others; --mode infill appends a
+  [gMASK] to a line without one."""
+  from glm.data.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
+  from glm.model import checkpoint  # pylint: disable=g-import-not-at-top
+  tok = Tokenizer(checkpoint.tokenizer_path(ckpt))
+  blanks = {tok.special_ids[n] for n in ('[MASK]', '[sMASK]', '[gMASK]')}
+  lines = [{'text': 'The [MASK] river [sMASK] ends.'}, {'text': 'The river'}]
+  write_jsonl(tmp_path / 'blank.jsonl', lines)
+  for mode in ('auto', 'infill'):
+    res = glm('generate', '--checkpoint', ckpt, '--input',
+              str(tmp_path / 'blank.jsonl'), '--output',
+              str(tmp_path / 'filled.jsonl'), '--max_new_tokens', '3',
+              '--mode', mode)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = read_jsonl(tmp_path / 'filled.jsonl')
+    prompts = [tok.encode(l['text']) for l in lines]
+    if mode == 'auto':
+      assert 'infilled' not in rows[1] and len(rows[1]['new_tokens']) <= 3
+      prompts = prompts[:1]
+    else:
+      prompts[1] = prompts[1] + [tok.special_ids['[gMASK]']]
+    for prompt, row in zip(prompts, rows):
+      want = [t for t in prompt if t in blanks]
+      assert [tok.special_ids[s['mask']] for s in row['spans']] == want
+      rebuilt, prev = [], 0   # the prompt with each span in its blank
+      filled = row['infilled_tokens']
+      for span in row['spans']:
+        assert filled[span['start']:span['start'] + len(span['tokens'])] == (
+            span['tokens']) and len(span['tokens']) <= 3
+      for t in prompt:
+        rebuilt += row['spans'][prev]['tokens'] if t in blanks else [t]
+        prev += t in blanks
+      assert filled == rebuilt
+      assert row['infilled'] == tok.decode(filled)
 
 
 def test_prompt_needs_a_tokenizer(tmp_path, capsys):
@@ -111,3 +153,8 @@ def test_prompt_needs_a_tokenizer(tmp_path, capsys):
                    '--out', ckpt]) == 0
   line = _error_line(capsys, '--checkpoint', ckpt, '--prompt', 'hi')
   assert 'needs a tokenizer' in line
+  write_jsonl(tmp_path / 'in.jsonl', [{'tokens': [5, 6]}])
+  line = _error_line(capsys, '--checkpoint', ckpt, '--input',
+                     str(tmp_path / 'in.jsonl'), '--output',
+                     str(tmp_path / 'out.jsonl'), '--mode', 'infill')
+  assert '--mode=infill needs' in line and 'has none' in line

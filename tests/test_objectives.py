@@ -549,3 +549,31 @@ def test_smask_needs_two_sentences():
   with pytest.raises(ValueError, match='sentence_end of shape'):
     glm_objective.glm_example(np.arange(500, 520), SPECIAL,
                               np.random.default_rng(0), objective='smask')
+
+
+def test_gmask_continue_positions_follow_part_a():
+  """GLM-130B's 1D layout: a [gMASK] span's Part B at |A|, |A| + 1, ...;
+  [MASK] examples are unchanged and both rebuild their source."""
+  for objective in ('gmask', 'mask'):
+    rng = np.random.default_rng(7)
+    source = _source(rng, 40)
+    ex = glm_objective.glm_example(source, SPECIAL, np.random.default_rng(1),
+                                   objective=objective,
+                                   gmask_positions='continue')
+    base = glm_objective.glm_example(source, SPECIAL,
+                                     np.random.default_rng(1),
+                                     objective=objective)
+    n_a = ex['prefix_len']
+    np.testing.assert_array_equal(ex['tokens'], base['tokens'])
+    np.testing.assert_array_equal(glm_objective.reconstruct_source(
+        ex, SPECIAL), source)
+    if objective == 'gmask':
+      n_b = ex['tokens'].size - n_a
+      np.testing.assert_array_equal(ex['position_ids'][n_a:],
+                                    n_a + np.arange(n_b))
+      assert base['position_ids'][n_a] == n_a - 1       # the mask's index
+    else:
+      np.testing.assert_array_equal(ex['position_ids'], base['position_ids'])
+  with pytest.raises(Exception, match='gmask_positions'):
+    glm_objective.glm_example(source, SPECIAL, rng, objective='gmask',
+                              gmask_positions='arange')

@@ -23,10 +23,12 @@ Batch = dict[str, Any]
 
 def eval_sets(valid: pipeline.SplitData, data_cfg: pipeline.DataConfig, *,
               seq_len: int, batch_size: int, seed: int, num_batches: int,
-              breakdown: bool) -> dict[str, list[Batch]]:
+              breakdown: bool, gmask_positions: str = 'mask'
+              ) -> dict[str, list[Batch]]:
   """Named lists of held-out batches [B, T] (numpy) for `evaluate`."""
   make = lambda cfg: pipeline.Pipeline(valid, cfg, seq_len=seq_len,
-                                       batch_size=batch_size, seed=seed)
+                                       batch_size=batch_size, seed=seed,
+                                       gmask_positions=gmask_positions)
   sets = {'all': make(data_cfg).eval_batches(num_batches)}
   if not breakdown:
     return sets

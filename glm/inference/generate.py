@@ -124,40 +124,49 @@ def prefill(cfg: ModelConfig, params: Any, lay: dict, max_new: int):
   """Runs the prompts of `lay` (`layout`) into a fresh cache. Returns the
   logits [B, V] that choose the first new token, the cache and
   `step(cache, tokens [B], slot) -> (logits [B, V], cache)`, which feeds one
-  token per row at cache slot `slot`."""
+  token per row at cache slot `slot`.
+
+  Besides `layout`'s arrays, `lay` may hold per-slot [B, S]
+  `block_position_ids` (2D RoPE) and `prefix` (bool: keys every query of
+  the row sees, e.g. GLM's Part A), as `infill.layout` writes them."""
   model = Transformer(cfg)
   tokens = lay['tokens']
   b, p = tokens.shape
-  seg, pos = lay['segment_ids'], lay['position_ids']        # [B, S]
-  kv = {'kv_segment_ids': seg, 'kv_positions': pos}
+  per_slot = {k: lay[k] for k in ('segment_ids', 'position_ids',
+                                  'block_position_ids') if k in lay}
+  kv = {'kv_segment_ids': lay['segment_ids'],
+        'kv_positions': lay['position_ids']}
+  if 'prefix' in lay:
+    kv['kv_prefix'] = lay['prefix']
 
-  def forward(cache, batch):
-    logits, new = model.apply({'params': params, 'cache': cache},
-                              {**batch, **kv}, mutable=['cache'])
+  def forward(cache, tok, slot):
+    t = tok.shape[1]
+    batch = {k: jax.lax.dynamic_slice_in_dim(v, slot, t, axis=1)
+             for k, v in per_slot.items()}
+    logits, new = model.apply(
+        {'params': params, 'cache': cache},
+        {**batch, **kv, 'tokens': tok, 'cache_index': slot},
+        mutable=['cache'])
     return logits[:, -1], new['cache']                      # [B, V]
 
   def step(cache, tok, slot):
-    return forward(cache, {
-        'tokens': tok[:, None], 'segment_ids': jnp.ones((b, 1), jnp.int32),
-        'position_ids': jax.lax.dynamic_slice_in_dim(pos, slot, 1, axis=1),
-        'cache_index': slot})
+    return forward(cache, tok[:, None], slot)
 
-  logits, cache = forward(init_cache(cfg, b, p + max_new), {
-      'tokens': tokens, 'segment_ids': seg[:, :p], 'position_ids': pos[:, :p],
-      'cache_index': 0})
+  logits, cache = forward(init_cache(cfg, b, p + max_new), tokens, 0)
   return logits, cache, step
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4, 5, 6))
 def _generate(cfg: ModelConfig, params: Any, lay: dict, key: jax.Array,
-              max_new: int, sampling: Sampling, eos_id: int | None):
-  """-> new tokens [B, max_new] (after an eos: whatever was sampled)."""
+              max_new: int, sampling: Sampling, stop: tuple[int, ...]):
+  """-> new tokens [B, max_new] (after a stop id: whatever was sampled)."""
   b, p = lay['tokens'].shape
   logits, cache, feed = prefill(cfg, params, lay, max_new)
   key, sub = jax.random.split(key)
   first = next_token(logits, sub, sampling)
   out = jnp.zeros((b, max_new), jnp.int32).at[:, 0].set(first)
-  done = jnp.zeros((b,), bool) if eos_id is None else first == eos_id
+  stop_ids = jnp.asarray(stop, jnp.int32)
+  done = jnp.isin(first, stop_ids)
 
   def more(carry):
     i, _, _, _, done, _ = carry
@@ -168,8 +177,7 @@ def _generate(cfg: ModelConfig, params: Any, lay: dict, key: jax.Array,
     logits, cache = feed(cache, tok, p + i - 1)             # tok's slot
     key, sub = jax.random.split(key)
     nxt = next_token(logits, sub, sampling)
-    if eos_id is not None:
-      done = done | (nxt == eos_id)
+    done = done | jnp.isin(nxt, stop_ids)
     return i + 1, cache, nxt, key, done, out.at[:, i].set(nxt)
 
   carry = (jnp.int32(1), cache, first, key, done, out)
@@ -183,24 +191,38 @@ def generate(cfg: ModelConfig, params: Any,
              ) -> list[list[int]]:
   """New tokens for each prompt (one batch), cut before the first eos.
   `length` pads the prompts to a fixed P (fewer compiled shapes)."""
-  sampling.check()
   if not prompts or any(len(x) == 0 for x in prompts):
     raise UserError('generate needs non-empty prompts.')
+  check_request(cfg, max(len(x) for x in prompts), max_new_tokens, sampling)
+  lay = layout(prompts, max_new_tokens, length)
+  return decode(cfg, params, lay, max_new_tokens=max_new_tokens,
+                sampling=sampling, seed=seed,
+                stop=() if eos_id is None else (eos_id,))
+
+
+def check_request(cfg: ModelConfig, longest: int, max_new_tokens: int,
+                  sampling: Sampling) -> None:
+  """One-line errors for a request the model cannot serve."""
+  sampling.check()
   if max_new_tokens < 1:
     raise UserError(f'max_new_tokens={max_new_tokens} must be >= 1.')
-  longest = max(len(x) for x in prompts)
   if cfg.position == 'learned' and longest + max_new_tokens > cfg.max_len:
     raise UserError(
         f'prompt {longest} + {max_new_tokens} new tokens exceeds '
         f'max_len={cfg.max_len} (learned positions); shorten the prompt or '
         'ask for fewer tokens.')
-  lay = {k: jnp.asarray(v)
-         for k, v in layout(prompts, max_new_tokens, length).items()}
+
+
+def decode(cfg: ModelConfig, params: Any, lay: dict, *, max_new_tokens: int,
+           sampling: Sampling = Sampling(), seed: int = 0,
+           stop: tuple[int, ...] = ()) -> list[list[int]]:
+  """The new tokens of every row of a laid-out batch (`layout`,
+  `infill.layout`), each cut before its first `stop` id."""
+  lay = {k: jnp.asarray(v) for k, v in lay.items()}
   out = np.asarray(_generate(cfg, params, lay, jax.random.PRNGKey(seed),
-                             max_new_tokens, sampling, eos_id))
+                             max_new_tokens, sampling, tuple(stop)))
   rows = []
   for row in out.tolist():
-    if eos_id is not None and eos_id in row:
-      row = row[:row.index(eos_id)]
-    rows.append(row)
+    cut = [i for i, t in enumerate(row) if t in stop]
+    rows.append(row[:cut[0]] if cut else row)
   return rows

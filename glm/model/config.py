@@ -132,6 +132,14 @@ class ModelConfig:
     return int(self.dims_per_head * self.rope_fraction) // 2 * 2
 
   @property
+  def gmask_positions(self) -> str:
+    """Where a [gMASK] blank's generated tokens sit (training and
+    generation alike): 'continue' (|A|, |A| + 1, ...: GLM-130B's 1D RoPE)
+    or 'mask' (every one at the mask's index, with rising block positions
+    under 2D RoPE: GLM)."""
+    return 'continue' if self.position == 'rope' else 'mask'
+
+  @property
   def deepnorm_alpha(self) -> float:
     """DeepNorm residual scale alpha = sqrt(2N) (GLM-130B)."""
     return math.sqrt(2.0 * self.num_layers)

@@ -268,12 +268,14 @@ def build_data(run: Run, data: pipeline.DataConfig, *, data_dir: str,
                      f'but the model only {run.cfg.vocab_size}; raise '
                      'ModelConfig.vocab_size.')
   train_data = pipeline.Pipeline(train_split, data, seq_len=run.seq_len,
-                                 batch_size=run.batch_size, seed=run.seed)
+                                 batch_size=run.batch_size, seed=run.seed,
+                                 gmask_positions=run.cfg.gmask_positions)
   valid_split = pipeline.SplitData(train_split.corpus_dir, tok, 'valid')
   sets = heldout.eval_sets(valid_split, data, seq_len=run.seq_len,
                            batch_size=run.micro, seed=run.seed,
                            num_batches=eval_batches,
-                           breakdown=bool(run.eval_every))
+                           breakdown=bool(run.eval_every),
+                           gmask_positions=run.cfg.gmask_positions)
   return RunData(tok, train_data, sets)
 
 
