@@ -16,6 +16,7 @@
               TEXT) [--max_new_tokens N] [--temperature T] [--top_k K]
               [--top_p P] [--num_beams B] [--length_penalty A] [--seed S]
               [--batch_size N] [--mode auto|continue|infill]
+  glm quantize --checkpoint C --bits 8|4 --out Q [--matmul xla|pallas|auto]
   glm data preview --task T [--n N --seed S --seq_len T]
   glm data card | fertility [--data_dir D]
 
@@ -143,6 +144,14 @@ def _parser() -> argparse.ArgumentParser:
                    "[sMASK] / [gMASK], continue the rest), continue, or "
                    "infill (GLM blank infilling; [gMASK] appended where a "
                    "prompt has no blank)")
+  qz = sub.add_parser('quantize', help='INT8 / INT4 weight-only copy of a '
+                      'checkpoint (GLM-130B scheme)')
+  qz.add_argument('--checkpoint', required=True)
+  qz.add_argument('--bits', type=int, required=True)
+  qz.add_argument('--out', required=True)
+  qz.add_argument('--matmul', default='xla',
+                  help='the quantised matmul: xla (default), pallas (the '
+                  'kernel) or auto (the kernel on GPU / TPU)')
   data = sub.add_parser('data', help='inspect data: preview examples, the '
                         'data card, the tokenizer fertility report')
   dsub = data.add_subparsers(dest='data_command', required=True,
@@ -300,6 +309,13 @@ def _cmd_score(args, bindings) -> None:
               batch_size=args.batch_size)
 
 
+def _cmd_quantize(args, bindings) -> None:
+  del bindings
+  from glm.inference import quantize  # pylint: disable=g-import-not-at-top
+  quantize.run(args.checkpoint, bits=args.bits, out=args.out,
+               matmul=args.matmul)
+
+
 def _cmd_generate(args, bindings) -> None:
   del bindings
   from glm.inference import generate_cli  # pylint: disable=g-import-not-at-top
@@ -316,6 +332,7 @@ def _cmd_generate(args, bindings) -> None:
 _COMMANDS = {'info': _cmd_info, 'plan': _cmd_plan, 'train': _cmd_train,
              'launch-local': _cmd_launch_local,
              'convert': _cmd_convert, 'score': _cmd_score,
+             'quantize': _cmd_quantize,
              'generate': _cmd_generate,
              'data': _cmd_data}
 

@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 
 from glm.model.config import ModelConfig
-from glm.model.layers import dense, kernel_init, param, precision
+from glm.model.layers import dense, kernel, kernel_init, param, precision
 from glm.model import blockwise
 from glm.model import fused
 from glm.model import positions
@@ -343,8 +343,9 @@ class Attention(nn.Module):
     qkv_axes = ('embed', 'heads', 'kv')
 
     def project(name: str, scaled: bool) -> jax.Array:
-      w = param(self, name, kernel_init(cfg, scaled=scaled, in_axis=[0],
-                                        out_axis=[1, 2]), (e, h, d), qkv_axes)
+      w = kernel(self, cfg, name, kernel_init(cfg, scaled=scaled, in_axis=[0],
+                                              out_axis=[1, 2]),
+                 (e, h, d), qkv_axes, contract=1)
       y = dense('bte,ehd->bthd', x, w, qkv_axes, **policy.dense)
       if cfg.use_bias:
         y = y + param(self, f'{name}_bias', nn.initializers.zeros, (h, d),
@@ -367,8 +368,9 @@ class Attention(nn.Module):
                                                         ('value', v)))
     out = attention(q, k, v, ctx.spec, impl=cfg.attention_impl)  # [B,T,H,D]
     out_axes = ('heads', 'kv', 'embed')
-    wo = param(self, 'out', kernel_init(cfg, scaled=True, in_axis=[0, 1],
-                                        out_axis=[2]), (h, d, e), out_axes)
+    wo = kernel(self, cfg, 'out', kernel_init(cfg, scaled=True,
+                                              in_axis=[0, 1], out_axis=[2]),
+                (h, d, e), out_axes, contract=2)
     y = dense('bthd,hde->bte', out, wo, out_axes, **policy.dense)
     if cfg.use_bias:
       y = y + param(self, 'out_bias', nn.initializers.zeros, (e,),

@@ -65,8 +65,12 @@ def atomic_dir(out: str, *, overwrite: bool = False) -> Iterator[str]:
 def save(out: str, cfg: ModelConfig, params: Any, *,
          tokenizer_path: str | None = None, meta: dict | None = None,
          overwrite: bool = False) -> str:
-  """Writes params (in cfg's layout) + config (+ tokenizer) to folder `out`."""
-  params = jax.tree.map(lambda a: np.asarray(a, np.float32), params)
+  """Writes params (in cfg's layout) + config (+ tokenizer) to folder `out`:
+  float params as float32, integer ones (quantised kernels) as they are."""
+  params = jax.tree.map(
+      lambda a: np.asarray(a) if np.issubdtype(np.asarray(a).dtype,
+                                               np.integer)
+      else np.asarray(a, np.float32), params)
   expected = transformer.abstract_params(cfg)
   _check_structure(expected, params, where='params to save')
   with atomic_dir(out, overwrite=overwrite) as tmp:
@@ -127,7 +131,8 @@ def tokenizer_path(path: str) -> str | None:
 
 
 def load(path: str) -> tuple[ModelConfig, Any]:
-  """Returns (config, params as numpy float32 arrays)."""
+  """Returns (config, params as numpy float32 arrays; int8 for the kernels
+  of a quantised checkpoint)."""
   cfg = load_config(path)
   target = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype),
                         transformer.abstract_params(cfg))

@@ -25,6 +25,8 @@ MLP_ACTIVATIONS = ('gelu', 'geglu', 'swiglu')
 DTYPES = ('float32', 'bfloat16', 'mixed', 'auto')  # see glm.model.layers
 PARAM_DTYPES = ('float32', 'bfloat16')
 ATTENTION_IMPLS = ('xla', 'blockwise', 'pallas', 'auto')  # see glm.model.attention
+QUANT_BITS = (0, 8, 4)                                 # see glm.model.quant
+QUANT_MATMUL_IMPLS = ('xla', 'pallas', 'auto')
 REMAT_POLICIES = ('none', 'full', 'dots', 'dots_no_batch')
 
 
@@ -77,6 +79,8 @@ class ModelConfig:
   scan_unroll: int = 0             # layers per scan iteration; 0: auto
   remat_policy: str = 'none'       # one of REMAT_POLICIES
   attention_impl: str = 'xla'      # one of ATTENTION_IMPLS
+  quant_bits: int = 0              # 0 float; 8 / 4 weight-only (glm quantize)
+  quant_matmul_impl: str = 'xla'   # one of QUANT_MATMUL_IMPLS
 
   def __post_init__(self):
     _check_choice('position', self.position, POSITIONS)
@@ -87,6 +91,11 @@ class ModelConfig:
     _check_choice('param_dtype', self.param_dtype, PARAM_DTYPES)
     _check_choice('remat_policy', self.remat_policy, REMAT_POLICIES)
     _check_choice('attention_impl', self.attention_impl, ATTENTION_IMPLS)
+    _check_choice('quant_matmul_impl', self.quant_matmul_impl,
+                  QUANT_MATMUL_IMPLS)
+    if self.quant_bits not in QUANT_BITS:
+      raise ConfigError(f'ModelConfig.quant_bits={self.quant_bits!r} is not '
+                        f'one of {QUANT_BITS} (0: float weights).')
     for name in ('vocab_size', 'vocab_pad_multiple', 'hidden', 'num_layers',
                  'num_heads', 'mlp_dim', 'max_len'):
       if getattr(self, name) < 1:
@@ -109,6 +118,13 @@ class ModelConfig:
     if self.scan_unroll < 0:
       raise ConfigError(f'ModelConfig.scan_unroll={self.scan_unroll} must be '
                         '>= 0 (0: all layers on CPU, 1 elsewhere).')
+    odd = [f'{n}={v}' for n, v in (('hidden', self.hidden),
+                                   ('mlp_dim', self.mlp_dim),
+                                   ('head dim', self.dims_per_head)) if v % 2]
+    if self.quant_bits == 4 and odd:
+      raise ConfigError(f'INT4 packs two weights per byte along the input '
+                        f'dims, which must be even, not {", ".join(odd)}; '
+                        'use --bits 8.')
     if not 0.0 <= self.dropout_rate < 1.0:
       raise ConfigError(f'dropout_rate={self.dropout_rate} must be in [0, 1).')
     if not 0.0 < self.embed_grad_shrink <= 1.0:

@@ -3,7 +3,8 @@ initialisers.
 
 Einsum letters: B batch, T length, E embed (hidden), F mlp width, G the two
 halves of a gated FFN, V padded vocabulary, H heads, D head dim.
-Parameters are float32. `cfg.dtype` is a compute policy (`precision`):
+Parameters are float32 (the block kernels are int8 with float32 scales in a
+quantised model, `glm.model.quant`). `cfg.dtype` is a compute policy (`precision`):
 'float32'; 'bfloat16', bf16 activations and matmuls (accelerators);
 'mixed', bf16 matmul inputs with float32 accumulation and float32
 elementwise work and residual stream (what torch autocast does, and what XLA
@@ -27,6 +28,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from glm.model import quant
 from glm.model.config import ModelConfig
 
 Initializer = Callable[..., jax.Array]
@@ -114,6 +116,8 @@ def dense(eqn: str, x: jax.Array, w: jax.Array, axes: Sequence[str | None],
     wider than dtype (the 'mixed' policy), the backward products take their
     inputs in dtype too and accumulate in out_dtype, as the forward does.
   """
+  if isinstance(w, quant.Quantized):
+    return quant.quantized_dense(eqn, x, w, dtype=dtype, out_dtype=out_dtype)
   operands, _ = eqn.split('->')
   w_letters = operands.split(',')[1]
   if not len(w_letters) == w.ndim == len(axes):
@@ -158,6 +162,23 @@ def _mixed_einsum_bwd(eqn, dtype, out_dtype, res, g):
 
 
 _mixed_einsum.defvjp(_mixed_einsum_fwd, _mixed_einsum_bwd)
+
+
+def kernel(module: nn.Module, cfg: ModelConfig, name: str, init: Initializer,
+           shape: tuple[int, ...], names: tuple[str, ...], *,
+           contract: int) -> jax.Array | quant.Quantized:
+  """A weight matrix whose first `contract` dims are the input: a float32
+  param, or under `cfg.quant_bits` its int8 values (`name`) and float32
+  per-output-channel scales (`name + '_scale'`), see `glm.model.quant`."""
+  if not cfg.quant_bits:
+    return param(module, name, init, shape, names)
+  q = module.param(name, nn.with_logical_partitioning(
+      nn.initializers.zeros, names),
+                   quant.packed_shape(shape, cfg.quant_bits, contract),
+                   jnp.int8)
+  scale = param(module, f'{name}_scale', nn.initializers.ones,
+                shape[contract:], names[contract:])
+  return quant.Quantized(q, scale, cfg.quant_bits, cfg.quant_matmul_impl)
 
 
 def param(module: nn.Module, name: str, init: Initializer,
@@ -208,8 +229,9 @@ class Mlp(nn.Module):
     e, f = cfg.hidden, cfg.mlp_dim
     if cfg.is_gated:
       wi_axes = ('embed', 'glu', 'mlp')
-      wi = param(self, 'wi', kernel_init(cfg, scaled=True, in_axis=[0],
-                                         out_axis=[1, 2]), (e, 2, f), wi_axes)
+      wi = kernel(self, cfg, 'wi', kernel_init(cfg, scaled=True, in_axis=[0],
+                                               out_axis=[1, 2]),
+                  (e, 2, f), wi_axes, contract=1)
       h = dense('bte,egf->gbtf', x, wi, wi_axes, **kw)
       if cfg.use_bias:
         bi = param(self, 'wi_bias', nn.initializers.zeros, (2, f),
@@ -222,8 +244,9 @@ class Mlp(nn.Module):
         h = x1 * jax.nn.silu(x2)
     else:
       wi_axes = ('embed', 'mlp')
-      wi = param(self, 'wi', kernel_init(cfg, scaled=True, in_axis=[0],
-                                         out_axis=[1]), (e, f), wi_axes)
+      wi = kernel(self, cfg, 'wi', kernel_init(cfg, scaled=True, in_axis=[0],
+                                               out_axis=[1]),
+                  (e, f), wi_axes, contract=1)
       h = dense('bte,ef->btf', x, wi, wi_axes, **kw)
       if cfg.use_bias:
         h = h + param(self, 'wi_bias', nn.initializers.zeros, (f,),
@@ -231,8 +254,9 @@ class Mlp(nn.Module):
       h = jax.nn.gelu(h, approximate=True)
     h = nn.with_logical_constraint(h, ('batch', 'length', 'mlp'))
     wo_axes = ('mlp', 'embed')
-    wo = param(self, 'wo', kernel_init(cfg, scaled=True, in_axis=[0],
-                                       out_axis=[1]), (f, e), wo_axes)
+    wo = kernel(self, cfg, 'wo', kernel_init(cfg, scaled=True, in_axis=[0],
+                                             out_axis=[1]),
+                (f, e), wo_axes, contract=1)
     y = dense('btf,fe->bte', h, wo, wo_axes, **kw)
     if cfg.use_bias:
       y = y + param(self, 'wo_bias', nn.initializers.zeros, (e,),
