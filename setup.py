@@ -23,8 +23,10 @@ INSTALL_REQUIRES = [
     'tensorflow-text==2.21.1',
     'tensorflow-datasets==4.9.10',
     'protobuf==7.36.2',
-    # Reads and writes Hugging Face weights (glm convert).
+    # Reads and writes Hugging Face weights (glm convert) and tokenizers
+    # (tokenizer.json: score, generate and fine-tuning of converted models).
     'safetensors==0.8.0',
+    'tokenizers==0.22.2',
 ]
 
 # Test-only packages: Hugging Face parity needs torch (CPU wheel) and

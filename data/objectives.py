@@ -98,8 +98,23 @@ class SpecialIds:
 
   @classmethod
   def from_tokenizer(cls, tok) -> 'SpecialIds':
-    """From a `glm.data.tokenizer.Tokenizer` (reads `tok.special_ids`)."""
-    return cls.from_mapping(tok.special_ids)
+    """From a tokenizer's `special_ids`. A tokenizer with only pad and eos
+    (a Hugging Face BLOOM one) gets distinct negative placeholders for the
+    rest, which `has_infilling` reports: causal and instruction data need
+    nothing more, the GLM and UL2 objectives refuse it."""
+    ids = tok.special_ids
+    if all(n in ids for n in PIECE_NAMES.values()):
+      return cls.from_mapping(ids)
+    fields = [f for f in PIECE_NAMES if f not in ('pad', 'eos')]
+    return cls(pad=int(ids['<pad>']), eos=int(ids['</s>']),
+               **{f: -1 - i for i, f in enumerate(fields)},
+               sentinels=tuple(range(-1 - len(fields),
+                                     -1 - len(fields) - MIN_SENTINELS, -1)))
+
+  @property
+  def has_infilling(self) -> bool:
+    """Whether the GLM / UL2 special tokens are real ids."""
+    return self.mask >= 0 and min(self.sentinels) >= 0
 
 
 def check_source(source, *, min_length: int, objective: str) -> np.ndarray:

@@ -82,11 +82,14 @@ class DataConfig:
 class SplitData:
   """One tokenized corpus split: the token stream, sentence ends, documents."""
 
-  def __init__(self, corpus_dir: str, tok, split: str):
+  def __init__(self, corpus_dir: str, tok, split: str,
+               cache_dir: str | None = None):
     self.tok = tok
     self.split = split
     self.corpus_dir = corpus_dir
-    self.stream = token_stream.load_token_stream(corpus_dir, tok, split)
+    self.cache_dir = cache_dir
+    self.stream = token_stream.load_token_stream(corpus_dir, tok, split,
+                                                 cache_dir)
     pieces = [tok.id_to_piece(i) for i in range(tok.vocab_size)]
     self.sentence_end = glm_objective.sentence_end_table(pieces)[self.stream]
     self.special = objectives.SpecialIds.from_tokenizer(tok)
@@ -125,6 +128,14 @@ class Pipeline:
     self.special = data.special
     self._tasks = [n for n, _ in config.mixture]
     rates = np.array([r for _, r in config.mixture], float)
+    needs = [n for n, r in config.mixture
+             if r > 0 and n in ('glm_blank_infilling', 'ul2_mixture')]
+    if needs and not self.special.has_infilling:
+      raise DataError(
+          f'task {needs[0]} needs the GLM / UL2 special tokens ([MASK], '
+          f'<sop>, <extra_id_0>, ...), which tokenizer '
+          f'{data.tok.model_path} lacks; use causal_lm or instruction data '
+          'with it, or a glm tokenizer.')
     self._task_p = rates / rates.sum()
     self._glm_rates = dict(config.glm_rates)
     self._sub_len = seq_len // config.pack_factor
@@ -315,10 +326,15 @@ def preview_record(example: Mapping[str, Any],
 
 
 def open_split(data_dir: str, split: str, *, vocab_size: int = 4096,
-               seed: int = 0) -> SplitData:
-  """Builds (if needed) the corpus and tokenizer under data_dir; loads a split."""
+               seed: int = 0, tokenizer=None) -> SplitData:
+  """Builds (if needed) the corpus and tokenizer under data_dir; loads a split.
+  With `tokenizer` (e.g. a checkpoint's) that one is used, its token streams
+  cached under data_dir/streams."""
   corpus_dir = os.path.join(data_dir, 'corpus')
   corpus.ensure_corpus(corpus_dir)
+  if tokenizer is not None:
+    return SplitData(corpus_dir, tokenizer, split,
+                     cache_dir=os.path.join(data_dir, 'streams'))
   tok_path = tokenizer_lib.ensure_tokenizer(
       corpus_dir, os.path.join(data_dir, f'spm_{vocab_size}'),
       vocab_size=vocab_size, seed=seed)

@@ -32,14 +32,18 @@ def _stream_key(corpus_dir: str, tok: tokenizer_lib.Tokenizer,
   with open(tok.model_path, 'rb') as f:
     digest.update(f.read())
   digest.update(corpus.manifest_sha256(corpus_dir).encode())
-  digest.update(f'{STREAM_RECIPE}/{split}'.encode())
+  digest.update(f'{STREAM_RECIPE}/{split}/eos={tok.eos_id}'.encode())
   return digest.hexdigest()[:16]
 
 
 def stream_cache_path(corpus_dir: str, tok: tokenizer_lib.Tokenizer,
-                      split: str) -> str:
-  """Where `load_token_stream` caches a split: beside the tokenizer model."""
-  stem = tok.model_path.removesuffix('.model')
+                      split: str, cache_dir: str | None = None) -> str:
+  """Where `load_token_stream` caches a split: beside the tokenizer model,
+  or in `cache_dir` (a tokenizer that lives in a checkpoint folder)."""
+  stem = os.path.splitext(tok.model_path)[0]
+  if cache_dir:
+    os.makedirs(cache_dir, exist_ok=True)
+    stem = os.path.join(cache_dir, os.path.basename(stem))
   return f'{stem}.{split}.{_stream_key(corpus_dir, tok, split)}.npy'
 
 
@@ -57,9 +61,9 @@ def tokenize_split(corpus_dir: str, tok: tokenizer_lib.Tokenizer,
 
 
 def load_token_stream(corpus_dir: str, tok: tokenizer_lib.Tokenizer,
-                      split: str) -> np.ndarray:
+                      split: str, cache_dir: str | None = None) -> np.ndarray:
   """The split's token stream, from the cache or tokenized and cached."""
-  path = stream_cache_path(corpus_dir, tok, split)
+  path = stream_cache_path(corpus_dir, tok, split, cache_dir)
   if os.path.exists(path):
     return np.load(path)
   stream = tokenize_split(corpus_dir, tok, split)

@@ -275,7 +275,9 @@ def _cmd_launch_local(args, bindings) -> None:
 
 def _cmd_convert(args, bindings) -> None:
   del bindings
+  from glm.data import hf_tokenizer  # pylint: disable=g-import-not-at-top
   from glm.hf import bloom as hf_bloom  # pylint: disable=g-import-not-at-top
+  from glm.inference import scoring  # pylint: disable=g-import-not-at-top
   from glm.model import checkpoint  # pylint: disable=g-import-not-at-top
   if args.direction == 'hf-to-glm':
     if not os.path.isdir(args.hf_dir):
@@ -283,10 +285,21 @@ def _cmd_convert(args, bindings) -> None:
           f'--hf_dir {args.hf_dir!r} is not a folder; pass a Hugging Face '
           'BLOOM folder with config.json.')
     cfg, params, hf = hf_bloom.hf_to_glm(args.hf_dir)
-    out = checkpoint.save(args.out, cfg, params,
+    tok_path = os.path.join(args.hf_dir, 'tokenizer.json')
+    tok_path = tok_path if os.path.isfile(tok_path) else None
+    if tok_path:
+      tok = hf_tokenizer.HFTokenizer(tok_path)
+      if tok.vocab_size > cfg.vocab_size:
+        raise hf_bloom.HFConversionError(
+            f'{tok_path} has {tok.vocab_size} ids but the model only '
+            f'{cfg.vocab_size}; put the tokenizer the model was trained '
+            'with in --hf_dir.')
+    out = checkpoint.save(args.out, cfg, params, tokenizer_path=tok_path,
                           meta={'converted_from': 'hf-bloom',
                                 'hf_config': hf})
-    print(f'wrote glm checkpoint {out}', file=sys.stderr)
+    print(f'wrote glm checkpoint {out}'
+          + ('' if tok_path else ' (no tokenizer.json in --hf_dir: text '
+             'input needs one)'), file=sys.stderr)
   else:
     cfg = checkpoint.load_config(args.checkpoint)
     hf_bloom.check_bloom_compatible(cfg)
@@ -294,9 +307,13 @@ def _cmd_convert(args, bindings) -> None:
     hf_extra = checkpoint.read_manifest(args.checkpoint)['meta'].get(
         'hf_config')
     hf, sd = hf_bloom.glm_to_hf(cfg, params, hf_extra)
+    tok = scoring.checkpoint_tokenizer(args.checkpoint)
     with checkpoint.atomic_dir(args.out) as tmp:
+      if tok is not None:
+        hf.update(hf_tokenizer.write_for_transformers(tok, tmp))
       hf_bloom.write_hf_dir(tmp, hf, sd)
-    print(f'wrote Hugging Face BLOOM folder {os.path.abspath(args.out)}',
+    print(f'wrote Hugging Face BLOOM folder {os.path.abspath(args.out)}'
+          + ('' if tok else ' (the checkpoint has no tokenizer)'),
           file=sys.stderr)
 
 

@@ -172,6 +172,10 @@ def check_bloom_compatible(cfg: ModelConfig) -> None:
           f'ModelConfig.{name}={getattr(cfg, name)!r} has no HF BLOOM '
           f'equivalent (BLOOM needs {value!r}); only BLOOM-style models '
           'convert to HF.')
+  if cfg.quant_bits:
+    raise HFConversionError(
+        f'the checkpoint is INT{cfg.quant_bits} (glm quantize); convert its '
+        'float source, which HF BLOOM can hold.')
   if cfg.head_dim and cfg.head_dim * cfg.num_heads != cfg.hidden:
     raise HFConversionError(
         f'head_dim={cfg.head_dim} x num_heads={cfg.num_heads} != hidden='

@@ -161,8 +161,14 @@ def _blank_ids(checkpoint_dir, tokenizer, options, prompts) -> tuple:
                       'has none; use --mode=continue.')
     return None, [False] * len(prompts)
   from glm.data import objectives  # pylint: disable=g-import-not-at-top
-  ids = infill_lib.BlankIds.from_special(
-      objectives.SpecialIds.from_tokenizer(tokenizer))
+  special = objectives.SpecialIds.from_tokenizer(tokenizer)
+  if not special.has_infilling:
+    if options.mode == 'infill':
+      raise UserError(f'--mode=infill needs [MASK] / [gMASK] / <sop> and '
+                      f'the tokenizer of {checkpoint_dir!r} has none; use '
+                      '--mode=continue.')
+    return None, [False] * len(prompts)
+  ids = infill_lib.BlankIds.from_special(special)
   if options.mode == 'infill':
     return ids, [True] * len(prompts)
   return ids, [any(t in ids.blanks for t in p) for p in prompts]
@@ -189,11 +195,7 @@ def run(checkpoint_dir: str, *, input_path: str | None = None,
   if input_path is not None and output_path is None:
     raise UserError('--input needs --output OUT.jsonl.')
   cfg = checkpoint.load_config(checkpoint_dir)
-  tok_path = checkpoint.tokenizer_path(checkpoint_dir)
-  tokenizer = None
-  if tok_path:
-    from glm.data.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
-    tokenizer = Tokenizer(tok_path)
+  tokenizer = scoring.checkpoint_tokenizer(checkpoint_dir)
   rows = _read(checkpoint_dir, cfg, tokenizer, input_path, prompt, options)
   prompts = [t for t, _ in rows]
   ids, blank = _blank_ids(checkpoint_dir, tokenizer, options, prompts)

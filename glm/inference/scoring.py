@@ -144,15 +144,21 @@ def write_jsonl_atomic(path: str, rows: Sequence[dict]) -> None:
       os.remove(tmp)
 
 
+def checkpoint_tokenizer(checkpoint_dir: str):
+  """The checkpoint's tokenizer (glm's SentencePiece or a Hugging Face
+  tokenizer.json), or None."""
+  tok_path = checkpoint.tokenizer_path(checkpoint_dir)
+  if not tok_path:
+    return None
+  from glm.data import hf_tokenizer  # pylint: disable=g-import-not-at-top
+  return hf_tokenizer.open_tokenizer(tok_path)
+
+
 def run(checkpoint_dir: str, input_path: str, output_path: str, *,
         batch_size: int = 8) -> int:
   """The `glm score` command. Returns the number of sequences scored."""
   cfg = checkpoint.load_config(checkpoint_dir)
-  tok_path = checkpoint.tokenizer_path(checkpoint_dir)
-  tokenizer = None
-  if tok_path:
-    from glm.data.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
-    tokenizer = Tokenizer(tok_path)
+  tokenizer = checkpoint_tokenizer(checkpoint_dir)
   if not os.path.isfile(input_path):
     raise ScoreInputError(f'input {input_path!r} does not exist.')
   seqs = read_inputs(input_path, cfg, tokenizer)

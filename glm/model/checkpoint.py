@@ -77,7 +77,14 @@ def save(out: str, cfg: ModelConfig, params: Any, *,
     ckptr = _local_checkpointer()
     ckptr.save(os.path.join(tmp, 'params'), params)
     tok = None
-    if tokenizer_path:
+    if tokenizer_path and tokenizer_path.endswith('.json'):
+      # A Hugging Face tokenizer.json and the config files beside it.
+      tok = 'tokenizer.json'
+      folder = os.path.dirname(tokenizer_path)
+      for name in HF_TOKENIZER_FILES:
+        if os.path.isfile(os.path.join(folder, name)):
+          shutil.copyfile(os.path.join(folder, name), os.path.join(tmp, name))
+    elif tokenizer_path:
       tok = 'tokenizer.model'
       shutil.copyfile(tokenizer_path, os.path.join(tmp, tok))
     manifest = {'format': FORMAT, 'model_config': cfg.to_dict(),
@@ -85,6 +92,10 @@ def save(out: str, cfg: ModelConfig, params: Any, *,
     with open(os.path.join(tmp, MANIFEST), 'w') as f:
       json.dump(manifest, f, indent=2, sort_keys=True)
   return os.path.abspath(out)
+
+
+HF_TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json',
+                      'special_tokens_map.json')
 
 
 def _local_checkpointer() -> ocp.Checkpointer:

@@ -140,7 +140,8 @@ def train(*, workdir: str,
       accept_new_settings=accept_new_settings)
   run_data = build_data(run, data, data_dir=data_dir,
                         tokenizer_vocab_size=tokenizer_vocab_size,
-                        eval_batches=eval_batches)
+                        eval_batches=eval_batches,
+                        tokenizer=checkpoint_tokenizer(init_checkpoint))
   files = workdir_lib.RunFiles(run.workdir)
   tokens = run.batch_sizes * run.seq_len
   lrs = optimizers.lr_table(opt_cfg, tokens)
@@ -222,7 +223,8 @@ def resolve(workdir: str, model_config: ModelConfig, *,
     raise TrainError(f'tokenizer_vocab_size={tokenizer_vocab_size} must be a '
                      'multiple of 128 (e.g. 4096) so that the embedding '
                      'needs no padding rows.')
-  if tokenizer_vocab_size > cfg.vocab_size:
+  own_tokenizer = checkpoint_tokenizer(init_checkpoint) is not None
+  if tokenizer_vocab_size > cfg.vocab_size and not own_tokenizer:
     raise TrainError(
         f'tokenizer vocab {tokenizer_vocab_size} is larger than the model '
         f'vocab {cfg.vocab_size}; set ModelConfig.vocab_size >= '
@@ -255,22 +257,48 @@ def resolve(workdir: str, model_config: ModelConfig, *,
              settings=settings, changes=changes)
 
 
+def checkpoint_tokenizer(init_checkpoint: str | None):
+  """The tokenizer a fine-tuning run reads text with: the checkpoint's own
+  (glm's SentencePiece or a converted model's Hugging Face one), or None
+  (the data folder's) for a checkpoint without one; a checkpoint converted
+  from Hugging Face without its tokenizer is refused."""
+  if not init_checkpoint:
+    return None
+  path = model_checkpoint.tokenizer_path(init_checkpoint)
+  if path:
+    from glm.data import hf_tokenizer  # pylint: disable=g-import-not-at-top
+    return hf_tokenizer.open_tokenizer(path)
+  meta = model_checkpoint.read_manifest(init_checkpoint)['meta']
+  if meta.get('converted_from'):
+    raise TrainError(
+        f'checkpoint {init_checkpoint!r} was converted without its tokenizer;'
+        ' convert it again from a folder with tokenizer.json (glm convert '
+        'hf-to-glm copies it) so that fine-tuning reads text as the model '
+        'was trained to.')
+  return None
+
+
 def build_data(run: Run, data: pipeline.DataConfig, *, data_dir: str,
-               tokenizer_vocab_size: int, eval_batches: int) -> RunData:
-  """The corpus and tokenizer (built on first use), train batches and the
-  held-out sets."""
+               tokenizer_vocab_size: int, eval_batches: int,
+               tokenizer=None) -> RunData:
+  """The corpus and tokenizer (built on first use, unless `tokenizer` is
+  given), train batches and the held-out sets."""
   train_split = pipeline.open_split(os.path.abspath(data_dir), 'train',
                                     vocab_size=tokenizer_vocab_size,
-                                    seed=run.seed)
+                                    seed=run.seed, tokenizer=tokenizer)
   tok = train_split.tok
   if tok.vocab_size > run.cfg.vocab_size:
+    fix = ('raise ModelConfig.vocab_size' if tokenizer is None else
+           "use the tokenizer the model was trained with (put it in the "
+           "checkpoint: glm convert hf-to-glm copies a folder's "
+           'tokenizer.json)')
     raise TrainError(f'tokenizer {tok.model_path} has {tok.vocab_size} ids '
-                     f'but the model only {run.cfg.vocab_size}; raise '
-                     'ModelConfig.vocab_size.')
+                     f'but the model only {run.cfg.vocab_size}; {fix}.')
   train_data = pipeline.Pipeline(train_split, data, seq_len=run.seq_len,
                                  batch_size=run.batch_size, seed=run.seed,
                                  gmask_positions=run.cfg.gmask_positions)
-  valid_split = pipeline.SplitData(train_split.corpus_dir, tok, 'valid')
+  valid_split = pipeline.SplitData(train_split.corpus_dir, tok, 'valid',
+                                   cache_dir=train_split.cache_dir)
   sets = heldout.eval_sets(valid_split, data, seq_len=run.seq_len,
                            batch_size=run.micro, seed=run.seed,
                            num_batches=eval_batches,
