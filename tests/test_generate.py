@@ -83,8 +83,8 @@ def test_cached_logits_equal_full_recomputation(family):
 @pytest.mark.parametrize('impl', [
     pytest.param('blockwise', marks=pytest.mark.slow), 'pallas'])
 def test_every_attention_implementation_decodes(impl):
-  """T = 1 queries against S cached keys through 'blockwise' and the
-  kernel (interpret mode) give the 'xla' logits."""
+  """A prefill through 'blockwise' and the kernel (interpret mode), then
+  cached steps (the two-block XLA attention), give the 'xla' logits."""
   prompts = [list(range(5, 5 + n)) for n in PROMPT_LENGTHS]
   lay = gen.layout(prompts, 3)
   new = np.full((len(prompts), 3), 11, np.int32)
@@ -99,9 +99,9 @@ def test_cache_has_logical_axes_and_layer_stack():
   cfg = make_cfg('bloom')
   axes = gen.cache_axes(cfg, 2, 10)
   cache = gen.init_cache(cfg, 2, 10)
-  assert cache['layers']['attention']['key'].shape == (2, 2, 10, 3, 16)
+  assert cache['layers']['attention']['key'].shape == (2, 2, 3, 10, 16)
   assert tuple(axes['layers']['attention']['key']) == (
-      'layers', 'batch', 'length', 'heads', 'kv')
+      'layers', 'batch', 'heads', 'length', 'kv')
 
 
 def test_greedy_generation_equals_transformers(tmp_path):

@@ -111,6 +111,7 @@ def beam_search(cfg: ModelConfig, params: Any,
     raise UserError(f'max_new_tokens={max_new_tokens} must be >= 1.')
   lay = generate_lib.layout(prompts, max_new_tokens, length)
   lay = {name: jnp.asarray(a) for name, a in lay.items()}
+  cfg, params = generate_lib.decoding_layout(cfg, params)
   seqs, norm, lengths = (np.asarray(a) for a in _beam_search(
       cfg, params, lay, max_new_tokens, num_beams, float(length_penalty),
       eos_id))

@@ -6,8 +6,9 @@ tokens, so that every row's next token goes to the same cache slot: the
 padding slots are segment 0 (no query sees them) and each row's positions
 count from its first real token, which makes the padding exact for ALiBi,
 RoPE and learned positions alike. The cache has S = P + max_new_tokens
-slots per layer (`Attention._cache`: the 'cache' collection, [L, B, S, H, D]
-under the layer scan, logical axes batch, length, heads, kv). Every slot a
+slots per layer (`Attention._cache`: the 'cache' collection, [B, H, S, D]
+per layer, logical axes batch, heads, length, kv; decoding runs the layers
+unscanned, see `decoding_layout`). Every slot a
 row will fill is marked visible from the start; causality by slot keeps the
 slots not yet written out of sight.
 
@@ -34,7 +35,7 @@ import numpy as np
 
 from glm.errors import UserError
 from glm.model.config import ModelConfig
-from glm.model.transformer import Transformer
+from glm.model.transformer import Transformer, unstack_layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +119,20 @@ def layout(prompts: Sequence[Sequence[int]], max_new_tokens: int,
   return {'tokens': tokens,
           'segment_ids': (slots >= pad[:, None]).astype(np.int32),
           'position_ids': np.maximum(slots - pad[:, None], 0).astype(np.int32)}
+
+
+def decoding_layout(cfg: ModelConfig, params: Any) -> tuple[ModelConfig, Any]:
+  """The layers as separate params and caches for decoding: each layer's
+  cache is then its own buffer, which the decode loop updates in place (a
+  cache stacked over the scanned layers is sliced and restacked at every
+  token, a copy of the whole cache; benchmarks/generate_throughput.py
+  measured 1.5-2x slower tokens at batch 1). Call it outside `jit`: slices
+  of stacked params inside the compiled decode loop are not hoisted out of
+  it. The unstacked params are a copy of the weights while decoding."""
+  if not cfg.scan_layers:
+    return cfg, params
+  return (cfg.replace(scan_layers=False),
+          unstack_layers(params, cfg.num_layers))
 
 
 def prefill(cfg: ModelConfig, params: Any, lay: dict, max_new: int):
@@ -219,6 +234,7 @@ def decode(cfg: ModelConfig, params: Any, lay: dict, *, max_new_tokens: int,
   """The new tokens of every row of a laid-out batch (`layout`,
   `infill.layout`), each cut before its first `stop` id."""
   lay = {k: jnp.asarray(v) for k, v in lay.items()}
+  cfg, params = decoding_layout(cfg, params)
   out = np.asarray(_generate(cfg, params, lay, jax.random.PRNGKey(seed),
                              max_new_tokens, sampling, tuple(stop)))
   rows = []

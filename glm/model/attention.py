@@ -165,6 +165,52 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   return jnp.swapaxes(out, 1, 2)  # [B, T, H, D]
 
 
+def new_keys_spec(spec: AttentionSpec, cache_index, t: int) -> AttentionSpec:
+  """A cached spec (T queries x S slots) cut to the T new tokens' own slots
+  cache_index .. cache_index + T - 1 as keys."""
+  cut = lambda a: None if a is None else jax.lax.dynamic_slice_in_dim(
+      a, cache_index, t, axis=1)
+  return dataclasses.replace(
+      spec, kv_segment_ids=cut(spec.kv_segment_ids),
+      kv_slots=cut(spec.kv_slots), kv_positions=cut(spec.kv_positions),
+      kv_prefix=cut(spec.kv_prefix))
+
+
+def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                     k_cache: jax.Array, v_cache: jax.Array,
+                     spec: AttentionSpec, cache_index) -> jax.Array:
+  """T new queries against the earlier tokens in a KV cache and the T new
+  tokens themselves, one softmax over both, in float32.
+
+  q, k, v [B, T, H, D] (the new tokens, at cache slots cache_index ..);
+  k_cache, v_cache [B, H, S, D] heads-major, valid before cache_index (the
+  rest is masked out); spec: the cached spec, T queries x S slots. The
+  cache is only read: the caller's write of k, v into it afterwards is then
+  in place, where attending to the written cache made XLA CPU copy the
+  whole cache at every decoded token.
+  """
+  t = q.shape[1]
+  old = jnp.arange(k_cache.shape[2]) < cache_index              # [S]
+  spec_old = dataclasses.replace(spec, kv_segment_ids=jnp.where(
+      old[None, :], spec.kv_segment_ids, 0))
+  spec_new = new_keys_spec(spec, cache_index, t)
+  qh, kh, vh = (jnp.swapaxes(a, 1, 2) for a in (q, k, v))     # [B, H, T, D]
+  f32, scale = jnp.float32, q.shape[-1] ** -0.5
+  s_old = (jnp.einsum('bhtd,bhsd->bhts', qh, k_cache.astype(q.dtype),
+                      preferred_element_type=f32) * scale
+           + attention_bias(spec_old))
+  s_new = (jnp.einsum('bhtd,bhud->bhtu', qh, kh, preferred_element_type=f32)
+           * scale + attention_bias(spec_new))
+  top = jnp.maximum(s_old.max(-1, keepdims=True), s_new.max(-1, keepdims=True))
+  p_old, p_new = jnp.exp(s_old - top), jnp.exp(s_new - top)
+  den = p_old.sum(-1, keepdims=True) + p_new.sum(-1, keepdims=True)
+  out = (jnp.einsum('bhts,bhsd->bhtd', p_old.astype(v.dtype),
+                    v_cache.astype(v.dtype), preferred_element_type=f32)
+         + jnp.einsum('bhtu,bhud->bhtd', p_new.astype(v.dtype), vh,
+                      preferred_element_type=f32)) / den
+  return jnp.swapaxes(out, 1, 2).astype(q.dtype)                # [B,T,H,D]
+
+
 def auto_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                    spec: AttentionSpec) -> jax.Array:
   """The kernel on GPU / TPU; on CPU 'xla' for rows shorter than
@@ -269,6 +315,7 @@ CONTEXT_FIELDS = ('tokens', 'segment_ids', 'prefix_len', 'prefix_mask',
 # per-key arrays `kv_segment_ids`, `kv_positions` [B, S] (0 = an empty or
 # padding slot), optional `kv_prefix` [B, S] bool.
 CACHE_FIELDS = ('cache_index', 'kv_segment_ids', 'kv_positions', 'kv_prefix')
+CACHE_AXES = ('batch', 'heads', 'length', 'kv')   # a layer's cached k or v
 
 
 class AttentionContext(NamedTuple):
@@ -278,6 +325,7 @@ class AttentionContext(NamedTuple):
   spec: AttentionSpec
   rope: tuple | None
   cache_index: jax.Array | None = None
+  prefill: bool = False     # static: cache_index is 0, the cache is empty
 
 
 def cached_spec(batch: dict, *,
@@ -324,8 +372,10 @@ def attention_context(cfg: ModelConfig, batch: dict) -> AttentionContext:
     rope = (positions.rope_angles(position_ids, half, cfg.rope_base),
             positions.rope_angles(block_ids, half, cfg.rope_base))
   if batch.get('cache_index') is not None:
+    index = batch['cache_index']
+    prefill = isinstance(index, int) and index == 0
     return AttentionContext(cached_spec(batch, alibi_slopes=slopes), rope,
-                            jnp.asarray(batch['cache_index'], jnp.int32))
+                            jnp.asarray(index, jnp.int32), prefill)
   return AttentionContext(spec_from_batch(batch, alibi_slopes=slopes), rope)
 
 
@@ -363,10 +413,27 @@ class Attention(nn.Module):
       k = positions.apply_rope_2d(k, ctx.rope[0], ctx.rope[1])
 
     q, k, v = (a.astype(policy.matmul) for a in (q, k, v))
-    if ctx.cache_index is not None:  # write the new keys, attend to all
-      k, v = (self._cache(name, a, ctx) for name, a in (('key', k),
-                                                        ('value', v)))
-    out = attention(q, k, v, ctx.spec, impl=cfg.attention_impl)  # [B,T,H,D]
+    if ctx.cache_index is None:
+      out = attention(q, k, v, ctx.spec, impl=cfg.attention_impl)
+    else:
+      caches = self._cache(k, ctx)
+      if ctx.prefill:  # an empty cache: the new tokens see only each other
+        out = attention(q, k, v, new_keys_spec(ctx.spec, 0, q.shape[1]),
+                        impl=cfg.attention_impl)
+      else:            # read the cache, then write the new keys into it
+        out = cached_attention(q, k, v, caches[0].value, caches[1].value,
+                               ctx.spec, ctx.cache_index)
+      # The writes wait for the reads: `after` is an exact zero that depends
+      # on the attention output, so XLA schedules the in-place cache update
+      # after the dots that read the cache (unordered, it copied the whole
+      # cache at every token to update it first).
+      after = jnp.isnan(out[:, :1, :1, :1]).astype(k.dtype) * 0
+      for var, new in zip(caches, (k + after, v + after)):
+        new = jnp.swapaxes(new, 1, 2).astype(var.value.dtype)  # [B,H,T,D]
+        var.value = nn.with_logical_constraint(
+            jax.lax.dynamic_update_slice(var.value, new,
+                                         (0, 0, ctx.cache_index, 0)),
+            CACHE_AXES)
     out_axes = ('heads', 'kv', 'embed')
     wo = kernel(self, cfg, 'out', kernel_init(cfg, scaled=True,
                                               in_axis=[0, 1], out_axis=[2]),
@@ -377,15 +444,11 @@ class Attention(nn.Module):
                     ('embed',)).astype(dt)
     return y
 
-  def _cache(self, name: str, new: jax.Array,
-             ctx: AttentionContext) -> jax.Array:
-    """The layer's cached keys or values [B, S, H, D] (collection 'cache',
-    logical axes batch, length, heads, kv) with `new` [B, T, H, D] written
-    at slot ctx.cache_index; returns the whole cache."""
+  def _cache(self, new: jax.Array, ctx: AttentionContext) -> tuple:
+    """The layer's cached keys and values: variables of the collection
+    'cache', heads-major [B, H, S, D] (`CACHE_AXES`), the layout the
+    attention's dots read without a copy; `new` [B, T, H, D] gives B, H, D."""
     b, _, h, d = new.shape
-    axes = ('batch', 'length', 'heads', 'kv')
-    var = self.variable('cache', name, nn.with_logical_partitioning(
-        jnp.zeros, axes), (b, ctx.spec.kv_len, h, d), new.dtype)
-    var.value = jax.lax.dynamic_update_slice(
-        var.value, new.astype(var.value.dtype), (0, ctx.cache_index, 0, 0))
-    return nn.with_logical_constraint(var.value, axes)
+    return tuple(self.variable('cache', name, nn.with_logical_partitioning(
+        jnp.zeros, CACHE_AXES), (b, h, ctx.spec.kv_len, d), new.dtype)
+                 for name in ('key', 'value'))
