@@ -91,3 +91,6 @@ def test_objective_runs_train(tmp_path, data_dir, run):
   assert all(np.isfinite(r['loss']) for r in rows)
   mixture = 'glm_blank_infilling' if 'glm' in run else 'ul2_mixture'
   assert mixture in out.stdout
+  # A GLM run's end-of-run samples fill a [gMASK] after the prompt.
+  filled = 'greedy sample ([gMASK] filled):' in out.stdout
+  assert filled == ('glm' in run), out.stdout[-1000:]

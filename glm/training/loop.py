@@ -532,18 +532,18 @@ def finish(run: Run, data: RunData, state: dict, evaluate: Callable,
   print(f'held-out loss {eval_loss:.4f} (perplexity '
         f'{math.exp(min(eval_loss, 50)):.1f})', flush=True)
   tok, cfg = data.tokenizer, run.cfg
-  prompt = tok.encode(sample_prompt)
-  num_new = min(sample_tokens, cfg.max_len - len(prompt))
-  new = decoding.greedy_generate(cfg, params, prompt, num_new,
-                                 eos_id=tok.eos_id) if num_new > 0 else []
-  sample = tok.decode(prompt + new)
-  print(f'greedy sample: {sample!r}', flush=True)
-  sampled = None
-  if num_new > 0:
-    sampled = tok.decode(prompt + generate_lib.generate(
-        cfg, params, [prompt], max_new_tokens=num_new, eos_id=tok.eos_id,
-        sampling=SAMPLE_SAMPLING, seed=0)[0])
-    print(f'sampled (temperature {SAMPLE_SAMPLING.temperature}, top-p '
+  mixture = dict(data.train.config.mixture)
+  blank_infilling = (max(mixture, key=mixture.get) == 'glm_blank_infilling'
+                     and data.train.special.has_infilling)
+  num_new = min(sample_tokens,
+                cfg.max_len - len(tok.encode(sample_prompt)) - 2)
+  sample, sampled = decoding.run_samples(
+      cfg, params, tok, sample_prompt, num_new, SAMPLE_SAMPLING,
+      blank_infilling=blank_infilling)
+  how = ' ([gMASK] filled)' if blank_infilling else ''
+  print(f'greedy sample{how}: {sample!r}', flush=True)
+  if sampled is not None:
+    print(f'sampled{how} (temperature {SAMPLE_SAMPLING.temperature}, top-p '
           f'{SAMPLE_SAMPLING.top_p}, seed 0): {sampled!r}', flush=True)
   files.close()
   model_dir = files.path('model')
