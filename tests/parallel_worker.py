@@ -1,6 +1,10 @@
 """Runs every parallel layout on 8 faked CPU devices; tests compare the files.
 
-  JAX_NUM_CPU_DEVICES=8 python tests/parallel_worker.py OUT_DIR
+  JAX_NUM_CPU_DEVICES=8 python tests/parallel_worker.py OUT_DIR [PART]
+
+PART is 'default' (every layout of bloom, two each of glm and ul2, and the
+checkpoint and HLO checks: the default test suite) or 'rest' (the other
+family x layout pairs: the `slow` suite); without it, everything.
 
 Writes OUT_DIR/<family>/<layout>.npz with the losses and gradient norms of a
 few real train steps (glm.training.step.make_train_step, sharded) and the gradients of
@@ -225,16 +229,35 @@ def tensor_parallel_shapes(cfg: ModelConfig) -> dict:
           'padded_vocab': cfg.padded_vocab_size}
 
 
-def main(out_dir: str) -> None:
+# The default suite's pairs: every layout for bloom; for glm and ul2 the
+# layouts their remat and prefix patterns stress most. 'rest' is the others.
+DEFAULT_PAIRS = {'bloom': tuple(LAYOUTS), 'glm': ('tensor', 'circular'),
+                 'ul2': ('fsdp', 'gpipe')}
+
+
+def pairs(part: str | None) -> dict[str, list[str]]:
+  """family -> the layouts `part` runs ('default', 'rest' or None: all)."""
+  if part is None:
+    return {f: list(LAYOUTS) for f in FAMILIES}
+  chosen = {f: [l for l in LAYOUTS if (l in DEFAULT_PAIRS[f])
+                == (part == 'default')] for f in FAMILIES}
+  return {f: ls for f, ls in chosen.items() if ls}
+
+
+def main(out_dir: str, part: str | None = None) -> None:
   assert jax.device_count() == 8, jax.devices()
-  for family, cfg in FAMILIES.items():
+  for family, layouts in pairs(part).items():
+    cfg = FAMILIES[family]
     os.makedirs(os.path.join(out_dir, family), exist_ok=True)
     batches = make_batches(family, STEPS)
-    for layout in [None, *LAYOUTS]:
+    for layout in [None, *layouts]:
       name = layout or 'single'
       np.savez(os.path.join(out_dir, family, name + '.npz'),
                **run(cfg, batches, layout))
       print(f'{family} {name} done', flush=True)
+  if part == 'rest':
+    print('all done', flush=True)
+    return
   restore_across_meshes(FAMILIES['bloom'], out_dir)
   with open(os.path.join(out_dir, 'hlo.json'), 'w') as f:
     json.dump(tensor_parallel_shapes(FAMILIES['bloom']), f)
@@ -242,4 +265,4 @@ def main(out_dir: str) -> None:
 
 
 if __name__ == '__main__':
-  main(sys.argv[1])
+  main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None)

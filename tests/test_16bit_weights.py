@@ -8,6 +8,7 @@ import shutil
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import orbax.checkpoint as ocp
 from jax.sharding import PartitionSpec as P
 
@@ -84,6 +85,7 @@ def _train(workdir, data_dir, *extra):
                          "--gin.ModelConfig.param_dtype='bfloat16'", *extra)
 
 
+@pytest.mark.slow
 def test_checkpoints_hold_the_masters_and_resume_exactly(tmp_path, data_dir):
   w = tmp_path / 'w'
   run = ['--gin.TRAIN_STEPS=4', '--gin.CHECKPOINT_EVERY=2']

@@ -55,6 +55,7 @@ def _compare(runs, family, name):
                                err_msg=k)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('family, impl', [
     (family, impl) for family, impls in attention_worker.DEFAULT_RUNS.items()
     for impl in impls])
@@ -73,6 +74,7 @@ def _check_exports(exports, families):
     assert tpu['mosaic_calls'] >= 3 and tpu['triton_calls'] == 0
 
 
+@pytest.mark.slow
 def test_sharded_pallas_step_exports_for_cuda_and_tpu(runs):
   with open(os.path.join(runs, 'export.json')) as f:
     _check_exports(json.load(f), attention_worker.EXPORTED)

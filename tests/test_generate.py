@@ -57,7 +57,8 @@ def _steps(cfg, params, lay, new_tokens, prefix=None):
   return np.stack(out[:-1], 1), seq
 
 
-@pytest.mark.parametrize('family', list(FAMILIES))
+@pytest.mark.parametrize('family', [
+    'bloom', 'glm', pytest.param('ul2', marks=pytest.mark.slow), 'learned'])
 def test_cached_logits_equal_full_recomputation(family):
   cfg = make_cfg(family)
   params = transformer.init_params(cfg, jax.random.PRNGKey(0))
@@ -263,3 +264,16 @@ def test_one_beam_is_greedy():
                           num_beams=1, eos_id=3) == gen.generate(
                               cfg, params, prompts, max_new_tokens=6,
                               eos_id=3)
+
+
+def test_remat_models_decode():
+  """A model built with remat (the recipes') decodes as without: the
+  context's static prefill flag survives the remat transform."""
+  cfg = make_cfg('glm', remat_policy='full')
+  params = transformer.init_params(cfg, jax.random.PRNGKey(0))
+  prompts = [list(range(5, 5 + n)) for n in PROMPT_LENGTHS]
+  lay = gen.layout(prompts, 3)
+  new = np.full((len(prompts), 3), 11, np.int32)
+  want, _ = _steps(cfg.replace(remat_policy='none'), params, lay, new)
+  got, _ = _steps(cfg, params, lay, new)
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)

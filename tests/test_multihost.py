@@ -8,6 +8,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 from test_trainer import losses_by_step
 from train_cli import ROOT, RUNS, TINY  # tests/train_cli.py
@@ -51,6 +52,7 @@ def test_two_processes_equal_one(tmp_path, data_dir):
   assert 'resumed from step 4' in more.stdout
 
 
+@pytest.mark.slow
 def test_mesh_flag_equals_one_device(tmp_path, data_dir):
   one = run(['train', *train_args(tmp_path / 'one', data_dir)])
   assert one.returncode == 0, one.stderr[-3000:]

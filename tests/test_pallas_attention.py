@@ -136,7 +136,8 @@ def test_bf16_inputs(backend):
 
 
 @pytest.mark.parametrize('backend', kernels.BACKENDS)
-@pytest.mark.parametrize('queries', [1, 9])
+@pytest.mark.parametrize('queries', [
+    1, pytest.param(9, marks=pytest.mark.slow)])
 def test_fewer_queries_than_keys(backend, queries):
   """Decoding shapes: the last `queries` rows against all keys (T != S,
   neither a multiple of the block)."""

@@ -86,8 +86,9 @@ def _dequantised(qparams, bits):
   return traverse_util.unflatten_dict(out)
 
 
-@pytest.mark.parametrize('family', list(FAMILIES))
-@pytest.mark.parametrize('bits', [8, 4])
+@pytest.mark.parametrize('family,bits', [
+    ('bloom', 8), ('glm', 4), pytest.param('bloom', 4, marks=pytest.mark.slow),
+    pytest.param('glm', 8, marks=pytest.mark.slow)])
 def test_quantised_model_is_the_float_model_on_dequantised_weights(family,
                                                                    bits):
   cfg = ModelConfig(vocab_size=97, hidden=48, num_layers=2, num_heads=3,

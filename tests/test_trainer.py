@@ -65,6 +65,7 @@ def test_sigkill_and_resume_reproduces_losses_bit_for_bit(tmp_path, data_dir):
   assert got == want  # every step, bit for bit (JSON keeps float64 exactly)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_then_the_same_command_resumes(tmp_path, data_dir):
   work = tmp_path / 'w'
   argv = cmd('default.gin', work, data_dir, '--gin.TRAIN_STEPS=400',

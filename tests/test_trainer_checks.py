@@ -171,6 +171,7 @@ def test_broken_latest_checkpoint_falls_back_and_keeps_both(tmp_path,
 # Evaluations, throughput and the schedule -----------------------------------
 
 
+@pytest.mark.slow
 def test_each_eval_step_is_logged_once_also_on_rerun(tmp_path, data_dir):
   w = tmp_path / 'w'
   run = ['--gin.TRAIN_STEPS=2', '--gin.CHECKPOINT_EVERY=2',

@@ -33,7 +33,7 @@ prefix. T may differ from S (a query block against a longer key cache).
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import flax.linen as nn
 import jax
@@ -318,14 +318,19 @@ CACHE_FIELDS = ('cache_index', 'kv_segment_ids', 'kv_positions', 'kv_prefix')
 CACHE_AXES = ('batch', 'heads', 'length', 'kv')   # a layer's cached k or v
 
 
-class AttentionContext(NamedTuple):
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class AttentionContext:
   """What every layer of one forward shares: the attention spec, the RoPE
   tables (((cos, sin),) for 1D, two pairs for 2D, or None) and, when
-  decoding, the KV-cache slot where this forward's keys and values go."""
+  decoding, the KV-cache slot where this forward's keys and values go.
+  `prefill` (static, so that it survives remat and scan) says the cache is
+  empty: cache_index is 0."""
   spec: AttentionSpec
   rope: tuple | None
   cache_index: jax.Array | None = None
-  prefill: bool = False     # static: cache_index is 0, the cache is empty
+  prefill: bool = dataclasses.field(default=False,
+                                    metadata={'static': True})
 
 
 def cached_spec(batch: dict, *,
