@@ -154,19 +154,15 @@ def _blank_ids(checkpoint_dir, tokenizer, options, prompts) -> tuple:
   """(ids or None, which prompts to infill)."""
   if options.mode == 'continue':
     return None, [False] * len(prompts)
-  if tokenizer is None:
+  special = None
+  if tokenizer is not None:
+    from glm.data import objectives  # pylint: disable=g-import-not-at-top
+    special = objectives.SpecialIds.from_tokenizer(tokenizer)
+  if special is None or not special.has_infilling:
     if options.mode == 'infill':
       raise UserError(f'--mode=infill needs the [MASK] / [gMASK] / <sop> ids '
                       f'of a glm tokenizer and checkpoint {checkpoint_dir!r} '
                       'has none; use --mode=continue.')
-    return None, [False] * len(prompts)
-  from glm.data import objectives  # pylint: disable=g-import-not-at-top
-  special = objectives.SpecialIds.from_tokenizer(tokenizer)
-  if not special.has_infilling:
-    if options.mode == 'infill':
-      raise UserError(f'--mode=infill needs [MASK] / [gMASK] / <sop> and '
-                      f'the tokenizer of {checkpoint_dir!r} has none; use '
-                      '--mode=continue.')
     return None, [False] * len(prompts)
   ids = infill_lib.BlankIds.from_special(special)
   if options.mode == 'infill':
