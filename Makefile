@@ -11,7 +11,7 @@ WORKDIR ?= runs/default
 GIN_FILE ?= configs/runs/default.gin
 PYTEST_ARGS ?=
 
-.PHONY: run test test-slow install clean
+.PHONY: run eval test test-slow install clean
 
 install: $(STAMP)
 
@@ -22,6 +22,11 @@ $(STAMP): setup.py
 
 run: $(STAMP)
 	$(BIN)/glm train --gin_file $(GIN_FILE) --workdir $(WORKDIR)
+
+# glm's local zero-shot suite (lm-evaluation-harness) on the make-run model.
+eval: $(STAMP)
+	$(BIN)/glm eval --checkpoint $(WORKDIR)/model --tasks glm_zero_shot \
+	    --output $(WORKDIR)/eval_zero_shot.json
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)

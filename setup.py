@@ -27,6 +27,27 @@ INSTALL_REQUIRES = [
     # (tokenizer.json: score, generate and fine-tuning of converted models).
     'safetensors==0.8.0',
     'tokenizers==0.22.2',
+    # Evaluation (glm eval): EleutherAI's lm-evaluation-harness and what it
+    # pulls in, pinned to versions that install beside transformers 4.57
+    # (datasets 5.1+ wants huggingface-hub 1.x, transformers 4.57 wants < 1).
+    'lm-eval==0.4.13',
+    'datasets==5.0.1',
+    'fsspec==2026.6.0',
+    'huggingface_hub==0.36.2',
+    'evaluate==0.4.6',
+    'sacrebleu==2.6.0',
+    'rouge-score==0.1.2',
+    'sqlitedict==2.1.0',
+    'word2number==1.1',
+    'pytablewriter==1.2.1',
+    'scikit-learn==1.9.1',
+    'more-itertools==11.2.1',
+    'dill==0.4.1',
+    'multiprocess==0.70.19',
+    'pandas==3.1.1',
+    'pyarrow==26.0.1',
+    'xxhash==4.1.0',
+    'nltk==3.10.4',
 ]
 
 # Test-only packages: Hugging Face parity needs torch (CPU wheel) and
@@ -36,6 +57,8 @@ EXTRAS_REQUIRE = {
         'pytest==9.2.0',
         'torch==2.13.0',
         'transformers==4.57.6',
+        # lm-eval's own `hf` model (the parity test of glm eval) imports it.
+        'accelerate==1.15.0',
     ],
 }
 
@@ -52,6 +75,8 @@ setuptools.setup(
         'glm.data': 'data',
         'glm.pallas_kernels': 'pallas_kernels',
     },
+    package_data={'glm.evaluation': ['tasks/*.yaml', 'tasks/*.py',
+                                    'tasks/_*']},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
     entry_points={'console_scripts': ['glm = glm.cli:main']},

@@ -17,6 +17,10 @@
               [--top_p P] [--num_beams B] [--length_penalty A] [--seed S]
               [--batch_size N] [--mode auto|continue|infill]
   glm quantize --checkpoint C --bits 8|4 --out Q [--matmul xla|pallas|auto]
+  glm eval    --checkpoint C --tasks T1,T2 [--include_path DIR]
+              [--num_fewshot K] [--limit N] [--batch_size B]
+              [--scoring auto|causal|glm] [--mesh data=N] [--data_dir D]
+              [--log_samples] --output OUT.json
   glm data preview --task T [--n N --seed S --seq_len T]
   glm data card | fertility [--data_dir D]
 
@@ -152,6 +156,27 @@ def _parser() -> argparse.ArgumentParser:
   qz.add_argument('--matmul', default='xla',
                   help='the quantised matmul: xla (default), pallas (the '
                   'kernel) or auto (the kernel on GPU / TPU)')
+  ev = sub.add_parser('eval', help='lm-evaluation-harness tasks (glm\'s '
+                      'local zero-shot suite: --tasks glm_zero_shot)')
+  ev.add_argument('--checkpoint', required=True)
+  ev.add_argument('--tasks', required=True,
+                  help='comma-separated task or group names')
+  ev.add_argument('--include_path', action='append', default=[],
+                  help='a folder of task YAMLs (repeatable)')
+  ev.add_argument('--num_fewshot', type=int, default=None)
+  ev.add_argument('--limit', default=None,
+                  help='examples per task (or a fraction below 1)')
+  ev.add_argument('--batch_size', type=int, default=8)
+  ev.add_argument('--scoring', default='auto',
+                  help="auto (default), causal, or glm (continuations as "
+                  "Part B of a [gMASK] example, as GLM-130B scores)")
+  ev.add_argument('--mesh', default=None,
+                  help="split the batch over devices, e.g. 'data=8'")
+  ev.add_argument('--data_dir', default='.cache/data',
+                  help='the corpus folder the local tasks are built from')
+  ev.add_argument('--log_samples', action='store_true',
+                  help='keep every request and response in OUT.json')
+  ev.add_argument('--output', required=True)
   data = sub.add_parser('data', help='inspect data: preview examples, the '
                         'data card, the tokenizer fertility report')
   dsub = data.add_subparsers(dest='data_command', required=True,
@@ -346,11 +371,23 @@ def _cmd_generate(args, bindings) -> None:
                    options=options)
 
 
+def _cmd_eval(args, bindings) -> None:
+  del bindings
+  from glm.evaluation import eval_cli  # pylint: disable=g-import-not-at-top
+  if args.batch_size < 1:
+    raise UserError(f'--batch_size={args.batch_size} must be >= 1.')
+  eval_cli.run(args.checkpoint, tasks=args.tasks, output=args.output,
+               include_path=args.include_path, num_fewshot=args.num_fewshot,
+               limit=args.limit, batch_size=args.batch_size,
+               scoring=args.scoring, mesh=args.mesh, data_dir=args.data_dir,
+               log_samples=args.log_samples)
+
+
 _COMMANDS = {'info': _cmd_info, 'plan': _cmd_plan, 'train': _cmd_train,
              'launch-local': _cmd_launch_local,
              'convert': _cmd_convert, 'score': _cmd_score,
              'quantize': _cmd_quantize,
-             'generate': _cmd_generate,
+             'generate': _cmd_generate, 'eval': _cmd_eval,
              'data': _cmd_data}
 
 

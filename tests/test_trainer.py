@@ -96,7 +96,9 @@ def test_sigterm_saves_then_the_same_command_resumes(tmp_path, data_dir):
 def test_metrics_config_and_tensorboard_are_written(tmp_path, data_dir):
   out = glm_train('default.gin', tmp_path / 'w', data_dir,
                   '--gin.TRAIN_STEPS=3', '--gin.CHECKPOINT_EVERY=3',
-                  '--gin.EVAL_EVERY=3')
+                  '--gin.EVAL_EVERY=3',
+                  "--gin.train.eval_tasks=['glm_lambada_en', 'glm_bpb_code']",
+                  '--gin.train.eval_task_limit=3')
   assert out.returncode == 0, out.stderr[-2000:]
   w = tmp_path / 'w'
   assert 'TRAIN_STEPS = 3' in (w / 'config.gin').read_text()
@@ -107,6 +109,9 @@ def test_metrics_config_and_tensorboard_are_written(tmp_path, data_dir):
   evals = [json.loads(l) for l in open(w / 'eval.jsonl')]
   assert evals[0]['step'] == 3 and 'all' in evals[0]
   assert any(k.startswith('lang/') for k in evals[0])
+  # Harness tasks beside the held-out loss (lm-eval's metric names).
+  assert 0 <= evals[0]['tasks/glm_lambada_en/acc'] <= 1
+  assert evals[0]['tasks/glm_bpb_code/bits_per_byte'] > 0
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   (events,) = os.listdir(w / 'tensorboard')
   tags = {}
@@ -116,6 +121,7 @@ def test_metrics_config_and_tensorboard_are_written(tmp_path, data_dir):
       tags.setdefault(v.tag, []).append(event.step)
   assert tags['train/loss'] == [1, 2, 3]
   assert 'config' in tags and 'eval/all' in tags
+  assert tags['eval/tasks/glm_lambada_en/perplexity'] == [3]
 
 
 def test_workdir_of_another_run_is_refused(tmp_path, data_dir):

@@ -23,7 +23,7 @@ import math
 import os
 import sys
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import gin
 import jax
@@ -32,6 +32,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from glm.data import pipeline
+from glm.evaluation import downstream
 from glm.evaluation import heldout
 from glm.inference import decoding
 from glm.inference import generate as generate_lib
@@ -107,6 +108,8 @@ def train(*, workdir: str,
           tokenizer_vocab_size: int = 4096,
           init_checkpoint: str | None = None,
           eval_batches: int = 8,
+          eval_tasks: Sequence[str] = (),
+          eval_task_limit: int | None = None,
           peak_flops: float | str | None = None,
           sample_prompt: str = 'The command',
           sample_tokens: int = 32,
@@ -120,7 +123,9 @@ def train(*, workdir: str,
   a number, a name in PEAK_FLOPS, or None to measure a matmul here; `mesh`
   the device mesh (default: data parallel over every device);
   `accept_new_settings` lets a resume change the run's settings (not gin:
-  `glm train --accept_new_settings`).
+  `glm train --accept_new_settings`); `eval_tasks` lm-evaluation-harness
+  tasks scored with the held-out loss (at most `eval_task_limit` examples
+  each), into eval.jsonl and TensorBoard as `tasks/<task>/<metric>`.
   """
   opt_cfg = optimizer or optimizers.OptimizerConfig()
   ramp = batch_ramp or optimizers.BatchRamp()
@@ -159,6 +164,9 @@ def train(*, workdir: str,
   files.resume_at(start)
   flops, peak = announce(run, data, peak_flops,
                          optimizers.warmup_note(opt_cfg, tokens, lrs))
+  score_tasks = downstream.task_evaluator(
+      run.cfg, run_data.tokenizer, eval_tasks, data_dir=data_dir,
+      limit=eval_task_limit, mixture=dict(data.mixture), mesh=run.mesh)
   # Evaluations this run already has (every process sees the same ones).
   evaluated = {r['step']: r['all'] for r in files.read('eval.jsonl')
                if r['step'] <= start}
@@ -170,6 +178,8 @@ def train(*, workdir: str,
              if run.mesh is None else
              (lambda b: mesh_lib.put_global(b, run.mesh)))
       row = heldout.evaluate(eval_step, params, run_data.eval_sets, put)
+      if score_tasks is not None:
+        row.update(score_tasks(params))
       files.log('eval.jsonl', {'step': step, **row}, 'eval')
       evaluated[step] = row['all']
     return evaluated[step]
@@ -554,7 +564,9 @@ def finish(run: Run, data: RunData, state: dict, evaluate: Callable,
   if not files.lead:
     return result
   model_checkpoint.save(model_dir, cfg, params, tokenizer_path=tok.model_path,
-                        meta={'step': run.train_steps}, overwrite=True)
+                        meta={'step': run.train_steps,
+                              'mixture': dict(data.train.config.mixture)},
+                        overwrite=True)
   files.write_json('final.json', result)
   print(f'glm train: done; model written to {model_dir}', file=sys.stderr,
         flush=True)
