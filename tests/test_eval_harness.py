@@ -139,6 +139,15 @@ def test_bad_task_and_missing_checkpoint_fail_in_one_line(bloom, data_dir,
   assert cli.main(['eval', '--checkpoint', glm_dir, '--tasks',
                    'glm_lambada_en', '--limit', 'x', '--output', out]) == 2
   assert '--limit' in capsys.readouterr().err
+  # A harness task whose data is on the Hub, and a name nobody knows.
+  assert cli.main(['eval', '--checkpoint', glm_dir, '--tasks',
+                   'lambada_openai', '--output', out]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and 'needs a dataset download' in err[0], err
+  assert cli.main(['eval', '--checkpoint', glm_dir, '--tasks', 'glm_nope',
+                   '--output', out]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert "'glm_nope'" in err[-1] and '--include_path' in err[-1], err
   assert not os.path.exists(out)
 
 
