@@ -57,8 +57,11 @@ EXTRAS_REQUIRE = {
         'pytest==9.2.0',
         'torch==2.13.0',
         'transformers==4.57.6',
-        # lm-eval's own `hf` model (the parity test of glm eval) imports it.
+        # lm-eval's own `hf` model (the parity test of glm eval): the hf
+        # extra, with what it adds pinned.
+        'lm-eval[hf]==0.4.13',
         'accelerate==1.15.0',
+        'peft==0.21.2',
     ],
 }
 

@@ -99,6 +99,32 @@ def test_glm_eval_matches_lm_eval_hf_model(bloom, data_dir, tmp_path):
   assert windows, 'no document was long enough to need rolling windows'
 
 
+@pytest.mark.slow  # two processes on faked devices
+def test_mesh_splits_the_batch_and_changes_nothing(bloom, data_dir, tmp_path):
+  """`glm eval --mesh data=2` on two faked CPU devices: the same
+  per-request log-likelihoods as one device."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  _, glm_dir = bloom
+  outs = {}
+  for mesh in ('', 'data=2'):
+    out = str(tmp_path / f'eval{mesh}.json')
+    args = [sys.executable, '-m', 'glm', 'eval', '--checkpoint', glm_dir,
+            '--tasks', 'glm_cloze_en,glm_bpb_en', '--limit', '3',
+            '--batch_size', '3', '--data_dir', data_dir, '--log_samples',
+            '--output', out] + (['--mesh', mesh] if mesh else [])
+    env = dict(os.environ, JAX_NUM_CPU_DEVICES='2', JAX_PLATFORMS='cpu')
+    run = subprocess.run(args, capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    with open(out) as f:
+      outs[mesh] = json.load(f)['samples']
+  for task in ('glm_cloze_en', 'glm_bpb_en'):
+    for x, y in zip(outs[''][task], outs['data=2'][task]):
+      lx = [r[0] if isinstance(r, list) else r for r in x['filtered_resps']]
+      ly = [r[0] if isinstance(r, list) else r for r in y['filtered_resps']]
+      np.testing.assert_allclose(lx, ly, atol=1e-4, rtol=1e-6)
+
+
 def test_packing_equals_scoring_one_at_a_time(bloom):
   _, glm_dir = bloom
   lm = harness.GlmLM(glm_dir, batch_size=2, pack_len=48)
@@ -129,8 +155,8 @@ def test_pack_fills_rows_first_fit():
   assert [length for length, _ in rows] == [128, 64, 64]
 
 
-def test_bad_task_and_missing_checkpoint_fail_in_one_line(bloom, data_dir,
-                                                          tmp_path, capsys):
+def test_missing_checkpoint_and_bad_limit_fail_in_one_line(bloom, tmp_path,
+                                                           capsys):
   _, glm_dir = bloom
   out = str(tmp_path / 'x.json')
   assert cli.main(['eval', '--checkpoint', str(tmp_path / 'nope'), '--tasks',
@@ -139,6 +165,13 @@ def test_bad_task_and_missing_checkpoint_fail_in_one_line(bloom, data_dir,
   assert cli.main(['eval', '--checkpoint', glm_dir, '--tasks',
                    'glm_lambada_en', '--limit', 'x', '--output', out]) == 2
   assert '--limit' in capsys.readouterr().err
+  assert not os.path.exists(out)
+
+
+@pytest.mark.slow  # indexes the harness's 14k tasks twice (~6 s each)
+def test_download_and_unknown_tasks_fail_in_one_line(bloom, tmp_path, capsys):
+  _, glm_dir = bloom
+  out = str(tmp_path / 'x.json')
   # A harness task whose data is on the Hub, and a name nobody knows.
   assert cli.main(['eval', '--checkpoint', glm_dir, '--tasks',
                    'lambada_openai', '--output', out]) == 2

@@ -97,8 +97,9 @@ def _logits(cfg, params, batch):
       {'params': params}, {k: jnp.asarray(v) for k, v in batch.items()})
 
 
-@pytest.mark.parametrize('task', ['glm_blank_infilling', 'ul2_mixture',
-                                  'instruction'])
+@pytest.mark.parametrize('task', [
+    'glm_blank_infilling', pytest.param('ul2_mixture', marks=pytest.mark.slow),
+    pytest.param('instruction', marks=pytest.mark.slow)])
 def test_packed_examples_see_only_themselves(split, task):
   """Each example of a packed row gives the logits it gives alone."""
   cfg = ModelConfig(vocab_size=4096, hidden=32, num_layers=2, num_heads=4,

@@ -153,7 +153,8 @@ def test_consecutive_bad_steps_stop_naming_the_last_checkpoint(tmp_path,
 
 
 @pytest.mark.parametrize('recipe,model', [
-    ('bloom_recipe.gin', 'tiny_bloom.gin'),
+    pytest.param('bloom_recipe.gin', 'tiny_bloom.gin',
+                 marks=pytest.mark.slow),
     ('glm130b_recipe.gin', 'tiny_glm.gin')])
 def test_paper_recipes_run_at_tiny_size(tmp_path, data_dir, recipe, model):
   w = tmp_path / 'w'
@@ -313,8 +314,9 @@ def test_cross_entropy_and_its_gradient_match_log_softmax():
       mask.sum())
 
 
-@pytest.mark.parametrize('tie,z_loss,chunk', [(True, 0.0, 4), (True, 1e-2, 7),
-                                               (False, 1e-2, 64)])
+@pytest.mark.parametrize('tie,z_loss,chunk', [
+    pytest.param(True, 0.0, 4, marks=pytest.mark.slow), (True, 1e-2, 7),
+    (False, 1e-2, 64)])
 def test_output_loss_equals_logits_then_cross_entropy(tie, z_loss, chunk):
   """The chunked output layer + loss (values and gradients of x and of the
   output matrix) equals logits -> cross_entropy + z-loss, with a padded
