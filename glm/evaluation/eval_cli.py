@@ -21,7 +21,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from typing import Any, Sequence
 
@@ -119,20 +118,6 @@ def metric_rows(results: dict) -> dict[str, dict[str, float]]:
   return rows
 
 
-def _write_json_atomic(path: str, obj: dict) -> None:
-  d = os.path.dirname(os.path.abspath(path))
-  os.makedirs(d, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f'.{os.path.basename(path)}.', dir=d)
-  try:
-    with os.fdopen(fd, 'w', encoding='utf-8') as f:
-      json.dump(obj, f, indent=2, default=repr)
-      f.write('\n')
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-
-
 def _mesh(text: str | None):
   if not text:
     return None
@@ -195,7 +180,9 @@ def run(checkpoint: str, *, tasks: str, output: str,
                 'commit': _git_commit(), 'seconds': time.time() - t0,
                 'data_dir': os.path.abspath(data_dir), 'scoring': lm.scoring,
                 'max_length': lm.max_length}
-  _write_json_atomic(output, res)
+  from glm.inference import scoring  # pylint: disable=g-import-not-at-top
+  scoring.write_text_atomic(output, json.dumps(res, indent=2, default=repr)
+                            + '\n')
   print(f'glm eval: {len(res["results"])} tasks in '
         f'{res["glm"]["seconds"]:.0f}s -> {output}', file=sys.stderr)
   return res

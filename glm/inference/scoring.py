@@ -130,18 +130,23 @@ def score(cfg: ModelConfig, params: Any, seqs: Sequence[list[int]], *,
   return out
 
 
-def write_jsonl_atomic(path: str, rows: Sequence[dict]) -> None:
+def write_text_atomic(path: str, text: str) -> None:
+  """Writes `text` to a temporary file beside `path`, then renames it: a
+  failure leaves no partial output."""
   d = os.path.dirname(os.path.abspath(path))
   os.makedirs(d, exist_ok=True)
   fd, tmp = tempfile.mkstemp(prefix=f'.{os.path.basename(path)}.', dir=d)
   try:
     with os.fdopen(fd, 'w', encoding='utf-8') as f:
-      for r in rows:
-        f.write(json.dumps(r) + '\n')
+      f.write(text)
     os.replace(tmp, path)
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
+
+
+def write_jsonl_atomic(path: str, rows: Sequence[dict]) -> None:
+  write_text_atomic(path, ''.join(json.dumps(r) + '\n' for r in rows))
 
 
 def checkpoint_tokenizer(checkpoint_dir: str):
