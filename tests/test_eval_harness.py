@@ -191,6 +191,12 @@ class _SpecialsOnly:
     self.special_ids = {n: i for i, n in enumerate(names)}
     self.eos_id = self.special_ids['</s>']
 
+  def encode(self, text):
+    return [self.special_ids.get(w) or int(w) for w in text.split()]
+
+  def decode(self, ids):
+    return ' '.join(str(i) for i in ids)
+
 
 @pytest.mark.parametrize('family', ['glm130b', 'glm2d'])
 def test_glm_scoring_equals_cached_infill_decoding(family):
@@ -228,3 +234,25 @@ def test_glm_scoring_equals_cached_infill_decoding(family):
     lay = infill.layout(cfg, [(part_a, len(part_a) - 1)], IDS, m, length=12)
     np.testing.assert_allclose(ll, float(reference(lay, np.asarray(x))),
                                atol=1e-4)
+
+
+def test_generate_until_infills_like_infill():
+  """A context holding [MASK] (and, with GLM scoring, one without: [gMASK]
+  appended) is answered with the span blank-infilling decodes greedily."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from test_infill import IDS, FIRST, _NAMES, make_cfg  # pylint: disable=g-import-not-at-top
+  from glm.inference import infill  # pylint: disable=g-import-not-at-top
+  from glm.model import transformer  # pylint: disable=g-import-not-at-top
+  from lm_eval.api.instance import Instance  # pylint: disable=g-import-not-at-top
+  cfg = make_cfg('glm130b')
+  params = transformer.init_params(cfg, jax.random.PRNGKey(5))
+  lm = harness.GlmLM(cfg=cfg, params=params, tokenizer=_SpecialsOnly(_NAMES),
+                     scoring='glm', batch_size=2)
+  prompts = [[FIRST + 1, FIRST + 2, IDS.mask, FIRST + 3], [FIRST + 4] * 3]
+  kw = {'until': ['never'], 'max_gen_toks': 4}
+  got = lm.generate_until([
+      Instance('generate_until', {}, (' '.join(map(str, p)), dict(kw)), i)
+      for i, p in enumerate(prompts)])
+  want = infill.infill(cfg, params, prompts, IDS, max_new_tokens=4)
+  assert any(got), got  # spans, not only stop tokens
+  assert got == [' '.join(map(str, w['spans'][0]['tokens'])) for w in want]

@@ -335,26 +335,20 @@ class GlmLM(TemplateLM):
     of Part A: in a few-shot prompt they are the examples', each followed
     by its answer."""
     ids = self.blank_ids
-    rows = []
-    for p in prompts:
-      p = infill_lib.with_blank(p, ids)
-      rows.append((p, max(i for i, t in enumerate(p) if t in ids.blanks)))
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
-    out: list[Any] = [None] * len(rows)
-    for start in range(0, len(order), self.batch_rows):
-      idx = order[start:start + self.batch_rows]
-      batch = [rows[i] for i in idx]
-      batch += [batch[-1]] * (self.batch_rows - len(batch))    # one shape
-      length = scoring_lib.bucket(max(len(a) for a, _ in batch),
-                                  self.max_length)
+
+    def decode(batch, length, n):
+      del n
+      rows = [(p, max(i for i, t in enumerate(p) if t in ids.blanks))
+              for p in batch]
       generate_lib.check_request(self.cfg, length + 1, max_new,
                                  generate_lib.Sampling())
-      lay = infill_lib.layout(self.cfg, batch, ids, max_new, length)
-      spans = generate_lib.decode(self.cfg, self.params, lay,
-                                  max_new_tokens=max_new, stop=ids.stop)
-      for i, span in zip(idx, spans):
-        out[i] = span
-    return out
+      lay = infill_lib.layout(self.cfg, rows, ids, max_new, length)
+      return generate_lib.decode(self.cfg, self.params, lay,
+                                 max_new_tokens=max_new, stop=ids.stop)
+    return generate_cli.in_batches(
+        [infill_lib.with_blank(p, ids) for p in prompts],
+        generate_cli.Options(batch_size=self.batch_rows), self.max_length,
+        decode, what='glm eval')
 
 
 def _cut(text: str, until: Sequence[str]) -> str:

@@ -98,7 +98,8 @@ def _read(checkpoint_dir, cfg, tokenizer, input_path, prompt, options):
   return rows
 
 
-def _in_batches(prompts, options: Options, max_len: int, decode) -> list:
+def in_batches(prompts, options: Options, max_len: int, decode, *,
+               what: str = 'glm generate') -> list:
   """decode(batch, length, n) over length-sorted batches of
   `options.batch_size` prompts (the last one padded to that size, its
   length rounded up to a bucket); the results in input order."""
@@ -108,7 +109,7 @@ def _in_batches(prompts, options: Options, max_len: int, decode) -> list:
   for n, start in enumerate(range(0, len(order), options.batch_size)):
     if time.time() - last > 10:  # progress on long files
       last = time.time()
-      print(f'glm generate: {start}/{len(prompts)} prompts, '
+      print(f'{what}: {start}/{len(prompts)} prompts, '
             f'{last - t0:.0f}s', file=sys.stderr, flush=True)
     idx = order[start:start + options.batch_size]
     batch = [prompts[i] for i in idx]
@@ -133,7 +134,7 @@ def decode_all(cfg, params, prompts, options: Options, eos_id) -> list:
         cfg, params, batch, max_new_tokens=options.max_new_tokens,
         sampling=sampling, seed=options.seed + n, eos_id=eos_id,
         length=length)
-  return _in_batches(prompts, options, cfg.max_len, decode)
+  return in_batches(prompts, options, cfg.max_len, decode)
 
 
 def infill_all(cfg, params, prompts, options: Options,
@@ -147,7 +148,7 @@ def infill_all(cfg, params, prompts, options: Options,
         cfg, params, batch, ids, max_new_tokens=options.max_new_tokens,
         sampling=sampling, seed=options.seed + 1000 * n,
         bucket=lambda m: scoring.bucket(m, cfg.max_len))
-  return _in_batches(prompts, options, cfg.max_len, decode)
+  return in_batches(prompts, options, cfg.max_len, decode)
 
 
 def _blank_ids(checkpoint_dir, tokenizer, options, prompts) -> tuple:
