@@ -190,8 +190,14 @@ def dummy_batch(cfg: ModelConfig, batch_size: int = 1,
   return {'tokens': jnp.zeros((batch_size, length), jnp.int32)}
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def init_params(cfg: ModelConfig, rng: jax.Array) -> Any:
-  """Initialises unboxed float32 parameters."""
+  """Initialises unboxed float32 parameters.
+
+  Jitted: one compiled program instead of a dispatch (and a tiny compile) per
+  initialiser op, which made start-up seconds slower; the values agree with
+  op-by-op initialisation up to float rounding.
+  """
   variables = Transformer(cfg).init(rng, dummy_batch(cfg))
   return nn.unbox(variables['params'])
 

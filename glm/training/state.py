@@ -114,7 +114,7 @@ def init_state(cfg: ModelConfig, opt: optax.GradientTransformation, *,
     return new_state(params, opt, cfg.param_dtype)
 
   if mesh is None:
-    return make(params)
+    return jax.jit(make)(params)  # one program, not one dispatch per op
   shardings = state_shardings(jax.eval_shape(make, params), cfg, mesh_cfg,
                               mesh)
   return jax.jit(make, out_shardings=shardings)(params)
