@@ -10,6 +10,12 @@ STAMP := $(VENV)/.glm-installed
 WORKDIR ?= runs/default
 GIN_FILE ?= configs/runs/default.gin
 PYTEST_ARGS ?=
+# pytest-xdist workers: most tests are single-threaded XLA compiles, so two
+# workers on two cores take about half the time of one. The default suite
+# keeps each file on one worker (several share module fixtures); the slow one
+# spreads single tests (its wide sweeps are one file) and keeps only the
+# xdist_group-marked files (tests/test_parallel.py) whole.
+TEST_WORKERS ?= 2
 
 .PHONY: run eval test test-slow install clean
 
@@ -29,10 +35,10 @@ eval: $(STAMP)
 	    --output $(WORKDIR)/eval_zero_shot.json
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m "not slow" -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-slow: $(STAMP)
-	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m slow -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .cache runs

@@ -55,6 +55,9 @@ INSTALL_REQUIRES = [
 EXTRAS_REQUIRE = {
     'dev': [
         'pytest==9.2.0',
+        # `make test` runs the suite on two workers (one per core of CI).
+        'pytest-xdist==3.8.0',
+        'execnet==2.1.2',
         'torch==2.13.0',
         'transformers==4.57.6',
         # lm-eval's own `hf` model (the parity test of glm eval): the hf

@@ -1,6 +1,21 @@
-"""Shared fixtures: one corpus built from this machine's text per test session."""
+"""Shared fixtures: one corpus built from this machine's text per test session.
+
+Also turns on JAX's persistent compilation cache for the suite (and the
+`glm` subprocesses it starts, which inherit the environment): many tests and
+CLI runs compile the same tiny programs, and a cache hit replaces an XLA
+compile. The key is the program and the compiler, so a hit is the same
+executable.
+"""
+
+import os
 
 import pytest
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
+                      os.path.join(_ROOT, '.cache', 'jax-tests'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.1')
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 
 
 @pytest.fixture(scope='session')

@@ -2,8 +2,9 @@
 
   JAX_NUM_CPU_DEVICES=8 python tests/parallel_worker.py OUT_DIR [PART]
 
-PART is 'default' (every layout of bloom, two each of glm and ul2, and the
-checkpoint and HLO checks: the default test suite) or 'rest' (the other
+PART is 'default' (bloom on every layout without a pipeline plus 'combo',
+two layouts each of glm and ul2, and the checkpoint and HLO checks: the
+default test suite) or 'rest' (the other
 family x layout pairs: the `slow` suite); without it, everything.
 
 Writes OUT_DIR/<family>/<layout>.npz with the losses and gradient norms of a
@@ -229,13 +230,14 @@ def tensor_parallel_shapes(cfg: ModelConfig) -> dict:
           'padded_vocab': cfg.padded_vocab_size}
 
 
-# The default suite's pairs: every layout for bloom; for glm and ul2 the
-# layouts their remat and prefix patterns stress most. 'rest' is the others
+# The default suite's pairs: for bloom every layout but the two pure
+# pipelines (its 'combo' pipelines, glm runs 'circular' and ul2 'gpipe'); for
+# glm and ul2 the layouts their remat and prefix patterns stress most. 'rest' is the others
 # but those that tests/test_attention_sharded.py's wide run already trains
 # against the one-device step (glm and ul2 on 'combo' and 'fsdp', with the
 # blockwise and pallas attention).
-DEFAULT_PAIRS = {'bloom': tuple(LAYOUTS), 'glm': ('tensor', 'circular'),
-                 'ul2': ('fsdp', 'gpipe')}
+DEFAULT_PAIRS = {'bloom': ('data', 'zero1', 'fsdp', 'tensor', 'combo'),
+                 'glm': ('tensor', 'circular'), 'ul2': ('fsdp', 'gpipe')}
 COVERED_ELSEWHERE = {'bloom': (), 'glm': ('combo', 'fsdp'),
                      'ul2': ('combo', 'fsdp')}
 

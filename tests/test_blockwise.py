@@ -106,7 +106,8 @@ def test_no_query_by_key_array_forward_or_backward():
   assert any(s[-2:] == (t, t) for s in xla)
 
 
-@pytest.mark.parametrize('family', ['bloom', 'glm', 'ul2'])
+@pytest.mark.parametrize('family', [
+    'bloom', *(pytest.param(f, marks=pytest.mark.slow) for f in ('glm', 'ul2'))])
 def test_model_with_blockwise_attention_equals_xla(family):
   cfg = cases.make_cfg(family).replace(max_len=64)
   batch = cases.make_batch('everything', seed=4)

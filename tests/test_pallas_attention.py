@@ -290,7 +290,7 @@ def test_auto_picks_by_length_on_cpu(monkeypatch):
 @pytest.mark.slow
 @pytest.mark.parametrize('backend', kernels.BACKENDS)
 @pytest.mark.parametrize('case', CASES)
-@pytest.mark.parametrize('d', [16, 80])
+@pytest.mark.parametrize('d', [80])  # the default suite's D is 24
 def test_wide_sweep(backend, case, d):
   for t in (1, 300):
     _check(make_spec(case, t, seed=t), backend, d=d)

@@ -45,13 +45,19 @@ def test_auto_is_mixed_on_cpu_and_unrolls_the_layers():
   assert transformer.scan_unroll(CFG.replace(scan_unroll=1)) == 1
 
 
-@pytest.mark.parametrize('family', [
-    dict(position='alibi', embed_norm=True),
-    dict(position='rope2d', norm_layout='deepnorm', mlp_activation='geglu',
-         tie_embeddings=False),
-    dict(position='rope', norm_type='rmsnorm', mlp_activation='swiglu',
-         use_bias=False)])
-@pytest.mark.parametrize('dtype', ['mixed', 'bfloat16'])
+_BLOOM = dict(position='alibi', embed_norm=True)
+_GLM = dict(position='rope2d', norm_layout='deepnorm', mlp_activation='geglu',
+            tie_embeddings=False)
+_UL2 = dict(position='rope', norm_type='rmsnorm', mlp_activation='swiglu',
+            use_bias=False)
+
+
+# Each family once and each policy at least once by default; the rest of the
+# family x policy grid is `slow`.
+@pytest.mark.parametrize('family,dtype', [
+    (_BLOOM, 'mixed'), (_GLM, 'bfloat16'), (_UL2, 'mixed'),
+    *(pytest.param(f, d, marks=pytest.mark.slow) for f, d in (
+        (_BLOOM, 'bfloat16'), (_GLM, 'mixed'), (_UL2, 'bfloat16')))])
 def test_policies_track_float32(family, dtype):
   """Loss and gradients under a 16-bit policy stay within bf16 rounding of
   float32's: the loss to 1%, the gradient direction to cosine > 0.99."""
