@@ -24,6 +24,7 @@ import sys
 import time
 from typing import Any, Sequence
 
+from glm import files
 from glm.errors import UserError
 
 
@@ -180,9 +181,8 @@ def run(checkpoint: str, *, tasks: str, output: str,
                 'commit': _git_commit(), 'seconds': time.time() - t0,
                 'data_dir': os.path.abspath(data_dir), 'scoring': lm.scoring,
                 'max_length': lm.max_length}
-  from glm.inference import scoring  # pylint: disable=g-import-not-at-top
-  scoring.write_text_atomic(output, json.dumps(res, indent=2, default=repr)
-                            + '\n')
+  files.write_text_atomic(output, json.dumps(res, indent=2, default=repr)
+                          + '\n')
   print(f'glm eval: {len(res["results"])} tasks in '
         f'{res["glm"]["seconds"]:.0f}s -> {output}', file=sys.stderr)
   return res

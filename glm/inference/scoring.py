@@ -15,7 +15,6 @@ import functools
 import json
 import os
 import sys
-import tempfile
 import time
 from typing import Any, Sequence
 
@@ -24,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from glm.errors import UserError
+from glm.files import write_text_atomic
 from glm.model import checkpoint
 from glm.model.config import ModelConfig
 from glm.model.transformer import Transformer
@@ -128,21 +128,6 @@ def score(cfg: ModelConfig, params: Any, seqs: Sequence[list[int]], *,
       n = len(seqs[i])
       out[i] = [None] + [float(x) for x in lp[row, :n - 1]]
   return out
-
-
-def write_text_atomic(path: str, text: str) -> None:
-  """Writes `text` to a temporary file beside `path`, then renames it: a
-  failure leaves no partial output."""
-  d = os.path.dirname(os.path.abspath(path))
-  os.makedirs(d, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f'.{os.path.basename(path)}.', dir=d)
-  try:
-    with os.fdopen(fd, 'w', encoding='utf-8') as f:
-      f.write(text)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
 
 
 def write_jsonl_atomic(path: str, rows: Sequence[dict]) -> None:
