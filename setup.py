@@ -48,6 +48,15 @@ INSTALL_REQUIRES = [
     'pyarrow==26.0.1',
     'xxhash==4.1.0',
     'nltk==3.10.4',
+    # glm sweep and glm plot draw PNGs; sweep files are YAML.
+    'matplotlib==3.11.2',
+    'contourpy==1.3.3',
+    'cycler==0.12.1',
+    'fonttools==4.68.0',
+    'kiwisolver==1.5.1',
+    'pillow==13.0.0',
+    'pyparsing==3.3.3',
+    'PyYAML==6.0.4',
 ]
 
 # Test-only packages: Hugging Face parity needs torch (CPU wheel) and

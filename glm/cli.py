@@ -21,6 +21,9 @@
               [--num_fewshot K] [--limit N] [--batch_size B]
               [--scoring auto|causal|glm] [--mesh data=N] [--data_dir D]
               [--log_samples] --output OUT.json
+  glm sweep   --gin_file F [--gin.NAME=VALUE ...] (--sweep S.yaml | --axis
+              NAME=V1,V2 ...) --workdir D [--parallel N] [--mesh M]
+  glm plot    W1 W2 ... --out fig.png [--title T]
   glm data preview --task T [--n N --seed S --seq_len T]
   glm data card | fertility [--data_dir D]
 
@@ -177,6 +180,8 @@ def _parser() -> argparse.ArgumentParser:
   ev.add_argument('--log_samples', action='store_true',
                   help='keep every request and response in OUT.json')
   ev.add_argument('--output', required=True)
+  from glm.experiments import sweep_cli  # pylint: disable=g-import-not-at-top
+  sweep_cli.add_parsers(sub)
   data = sub.add_parser('data', help='inspect data: preview examples, the '
                         'data card, the tokenizer fertility report')
   dsub = data.add_subparsers(dest='data_command', required=True,
@@ -383,12 +388,23 @@ def _cmd_eval(args, bindings) -> None:
                log_samples=args.log_samples)
 
 
+def _cmd_sweep(args, bindings) -> int:
+  from glm.experiments import sweep_cli  # pylint: disable=g-import-not-at-top
+  return sweep_cli.cmd_sweep(args, bindings)
+
+
+def _cmd_plot(args, bindings) -> None:
+  del bindings
+  from glm.experiments import sweep_cli  # pylint: disable=g-import-not-at-top
+  sweep_cli.cmd_plot(args)
+
+
 _COMMANDS = {'info': _cmd_info, 'plan': _cmd_plan, 'train': _cmd_train,
              'launch-local': _cmd_launch_local,
              'convert': _cmd_convert, 'score': _cmd_score,
              'quantize': _cmd_quantize,
              'generate': _cmd_generate, 'eval': _cmd_eval,
-             'data': _cmd_data}
+             'data': _cmd_data, 'sweep': _cmd_sweep, 'plot': _cmd_plot}
 
 
 def _quiet_closed_loop(hook):
@@ -420,7 +436,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.rest = extra  # options of glm.data.report_cli
   elif extra:
     _parser().error(f'unrecognized arguments: {" ".join(extra)}')
-  if bindings and args.command not in ('info', 'plan', 'train'):
+  if bindings and args.command not in ('info', 'plan', 'train', 'sweep'):
     _parser().error(f'--gin.* bindings are not used by {args.command}.')
   bad = [b for b in bindings if '=' not in b]
   if bad:
@@ -429,7 +445,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           'data': lambda: f'data {args.data_command}'}.get(
               args.command, lambda: args.command)()
   try:
-    _COMMANDS[args.command](args, bindings)
+    rc = _COMMANDS[args.command](args, bindings)
   except UserError as e:
     if os.environ.get('GLM_DEBUG'):
       raise
@@ -438,7 +454,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     msg = re.sub(r"\s*In call to configurable '[^']*' \(.*\)$", '', msg)
     print(f'glm {name}: error: {msg}', file=sys.stderr)
     return 2
-  return 0
+  return rc or 0  # glm sweep: 1 when a variant failed
 
 
 if __name__ == '__main__':
