@@ -27,9 +27,13 @@ def test_train_resume_and_score(tmp_path, data_dir):
   workdir = tmp_path / 'w'
   common = ['train', '--gin_file', RUN, '--workdir', str(workdir),
             f"--gin.train.data_dir='{data_dir}'", *SMALL]
-  out = glm(*common, '--gin.TRAIN_STEPS=4')
+  # Held-out loss also at 2x and 4x the training length: ALiBi needs no
+  # position table, so 4 * 32 tokens evaluate past max_len=64.
+  out = glm(*common, '--gin.TRAIN_STEPS=4', '--gin.ModelConfig.max_len=64',
+            '--gin.train.eval_lengths=(2, 4)')
   assert out.returncode == 0, out.stderr[-3000:]
   assert 'held-out loss' in out.stdout and 'greedy sample' in out.stdout
+  assert 'held-out loss at longer lengths: 2x ' in out.stdout
   rows = [json.loads(l) for l in open(workdir / 'metrics.jsonl')]
   assert [r['step'] for r in rows] == [1, 2, 3, 4]
   assert all(np.isfinite(r['loss']) and r['loss'] > 0 for r in rows)
@@ -38,10 +42,16 @@ def test_train_resume_and_score(tmp_path, data_dir):
   assert sorted(os.listdir(workdir / 'checkpoints')) == ['2', '4']
   final = json.loads((workdir / 'final.json').read_text())
   assert np.isfinite(final['eval_loss'])
+  last = [json.loads(l) for l in open(workdir / 'eval.jsonl')][-1]
+  for k in ('len_2x', 'len_4x'):
+    # About ln(vocab) after 4 steps, and not the 1x loss copied.
+    assert 3 < last[k] < 9 and last[k] != last['all'], last
+    assert final[k] == last[k]
 
   # More steps is a new setting: accepted when asked, from the step-4
   # checkpoint.
-  out = glm(*common, '--gin.TRAIN_STEPS=6', '--accept_new_settings')
+  out = glm(*common, '--gin.TRAIN_STEPS=6', '--gin.ModelConfig.max_len=64',
+            '--accept_new_settings')
   assert out.returncode == 0, out.stderr[-3000:]
   assert 'resumed from step 4' in out.stdout
   rows = [json.loads(l) for l in open(workdir / 'metrics.jsonl')]
@@ -66,6 +76,10 @@ def test_train_resume_and_score(tmp_path, data_dir):
     (['--gin.train.bogus=1'], "train has no parameter 'bogus'"),
     (['--gin.ModelConfig.vocab_size=1024'], 'tokenizer vocab 2048 is larger'),
     (['--gin.TRAIN_STEPS=0'], 'train_steps=0 must be a positive integer'),
+    (["--gin.ModelConfig.position='learned'", '--gin.ModelConfig.max_len=64',
+      '--gin.train.eval_lengths=(4,)'],
+     'eval_lengths 4x needs 128 positions but learned positions stop at '
+     'ModelConfig.max_len=64'),
 ])
 def test_train_bad_input(tmp_path, data_dir, args, expect):
   workdir = tmp_path / 'w'

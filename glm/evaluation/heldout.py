@@ -1,8 +1,8 @@
 """Held-out loss: overall, per task of the mixture and per language.
 
   sets = eval_sets(valid_split, data_cfg, seq_len=128, batch_size=16, seed=0,
-                   num_batches=8, breakdown=True)
-  row = evaluate(eval_step, params, sets, put)   # {'all': 3.2, 'task/...': ...}
+                   num_batches=8, breakdown=True, lengths=(2, 4))
+  row = evaluate(eval_step, params, sets, put)   # {'all': 3.2, 'len_2x': ...}
 
 `all` draws `num_batches` batches of the run's own mixture from the valid
 split; with `breakdown`, every task of a mixture of several gets a quarter
@@ -10,11 +10,16 @@ as many batches of its own (`task/<name>`), and every language of the
 corpus one batch of causal windows (`lang/<code>`). Batches are fixed for
 the run (pure functions of the seed), so evaluations are comparable across
 steps and resumes.
+
+`lengths` (multiples k of the training length) add `len_<k>x`: the run's
+mixture in windows of k * seq_len tokens, max(1, num_batches // k) batches
+(about as many tokens as `all`), to measure how the position encoding
+extrapolates past the length the model was trained at.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from glm.data import pipeline
 
@@ -23,13 +28,16 @@ Batch = dict[str, Any]
 
 def eval_sets(valid: pipeline.SplitData, data_cfg: pipeline.DataConfig, *,
               seq_len: int, batch_size: int, seed: int, num_batches: int,
-              breakdown: bool, gmask_positions: str = 'mask'
-              ) -> dict[str, list[Batch]]:
+              breakdown: bool, gmask_positions: str = 'mask',
+              lengths: Sequence[int] = ()) -> dict[str, list[Batch]]:
   """Named lists of held-out batches [B, T] (numpy) for `evaluate`."""
-  make = lambda cfg: pipeline.Pipeline(valid, cfg, seq_len=seq_len,
-                                       batch_size=batch_size, seed=seed,
-                                       gmask_positions=gmask_positions)
+  make = lambda cfg, t=seq_len: pipeline.Pipeline(
+      valid, cfg, seq_len=t, batch_size=batch_size, seed=seed,
+      gmask_positions=gmask_positions)
   sets = {'all': make(data_cfg).eval_batches(num_batches)}
+  for k in lengths:
+    sets[f'len_{k}x'] = make(data_cfg, k * seq_len).eval_batches(
+        max(1, num_batches // k))
   if not breakdown:
     return sets
   tasks = [t for t, r in data_cfg.mixture if r > 0]

@@ -109,6 +109,7 @@ def train(*, workdir: str,
           init_checkpoint: str | None = None,
           eval_batches: int = 8,
           eval_tasks: Sequence[str] = (),
+          eval_lengths: Sequence[int] = (),
           eval_task_limit: int | None = None,
           peak_flops: float | str | None = None,
           sample_prompt: str = 'The command',
@@ -125,7 +126,9 @@ def train(*, workdir: str,
   `accept_new_settings` lets a resume change the run's settings (not gin:
   `glm train --accept_new_settings`); `eval_tasks` lm-evaluation-harness
   tasks scored with the held-out loss (at most `eval_task_limit` examples
-  each), into eval.jsonl and TensorBoard as `tasks/<task>/<metric>`.
+  each), into eval.jsonl and TensorBoard as `tasks/<task>/<metric>`;
+  `eval_lengths` multiples k of `seq_len` whose held-out loss `len_<k>x` is
+  measured too (windows of k * seq_len tokens: position extrapolation).
   """
   opt_cfg = optimizer or optimizers.OptimizerConfig()
   ramp = batch_ramp or optimizers.BatchRamp()
@@ -142,10 +145,10 @@ def train(*, workdir: str,
                 'batch_ramp': dataclasses.asdict(ramp),
                 'tokenizer_vocab_size': tokenizer_vocab_size,
                 'init_checkpoint': init_checkpoint},
-      accept_new_settings=accept_new_settings)
+      eval_lengths=eval_lengths, accept_new_settings=accept_new_settings)
   run_data = build_data(run, data, data_dir=data_dir,
                         tokenizer_vocab_size=tokenizer_vocab_size,
-                        eval_batches=eval_batches,
+                        eval_batches=eval_batches, eval_lengths=eval_lengths,
                         tokenizer=checkpoint_tokenizer(init_checkpoint))
   files = workdir_lib.RunFiles(run.workdir)
   tokens = run.batch_sizes * run.seq_len
@@ -168,11 +171,11 @@ def train(*, workdir: str,
       run.cfg, run_data.tokenizer, eval_tasks, data_dir=data_dir,
       limit=eval_task_limit, mixture=dict(data.mixture), mesh=run.mesh)
   # Evaluations this run already has (every process sees the same ones).
-  evaluated = {r['step']: r['all'] for r in files.read('eval.jsonl')
+  evaluated = {r['step']: r for r in files.read('eval.jsonl')
                if r['step'] <= start}
 
-  def evaluate(params, step: int) -> float:
-    """Held-out loss at `step`, computed once per step and run."""
+  def evaluate(params, step: int) -> dict[str, float]:
+    """Held-out losses at `step` ('all', ...), once per step and run."""
     if step not in evaluated:
       put = ((lambda b: {k: jnp.asarray(v) for k, v in b.items()})
              if run.mesh is None else
@@ -181,7 +184,7 @@ def train(*, workdir: str,
       if score_tasks is not None:
         row.update(score_tasks(params))
       files.log('eval.jsonl', {'step': step, **row}, 'eval')
-      evaluated[step] = row['all']
+      evaluated[step] = row
     return evaluated[step]
 
   t_start = time.time()
@@ -201,7 +204,8 @@ def resolve(workdir: str, model_config: ModelConfig, *,
             ramp: optimizers.BatchRamp, policy: FailurePolicy, seed: int,
             mesh: mesh_lib.MeshConfig | None, tokenizer_vocab_size: int,
             peak_flops: float | str | None, recorded: dict,
-            accept_new_settings: bool) -> Run:
+            accept_new_settings: bool, eval_lengths: Sequence[int] = ()
+            ) -> Run:
   """Checks every setting before any work; raises TrainError with the fix.
 
   `recorded`: further settings that run.json records and a resume compares.
@@ -229,6 +233,7 @@ def resolve(workdir: str, model_config: ModelConfig, *,
     raise TrainError(f'SEQ_LEN={seq_len} is longer than the model allows '
                      f'(ModelConfig.max_len={cfg.max_len}); lower SEQ_LEN or '
                      'raise max_len.')
+  check_eval_lengths(cfg, seq_len, eval_lengths)
   if tokenizer_vocab_size % 128:
     raise TrainError(f'tokenizer_vocab_size={tokenizer_vocab_size} must be a '
                      'multiple of 128 (e.g. 4096) so that the embedding '
@@ -267,6 +272,23 @@ def resolve(workdir: str, model_config: ModelConfig, *,
              settings=settings, changes=changes)
 
 
+def check_eval_lengths(cfg: ModelConfig, seq_len: int,
+                       lengths: Sequence[int]) -> None:
+  """Refuses eval_lengths the model cannot be evaluated at: learned
+  positions have no embedding past max_len (ALiBi and RoPE have no limit)."""
+  for k in lengths:
+    if not isinstance(k, int) or k < 2:
+      raise TrainError(f'eval_lengths entry {k!r} must be an integer >= 2 (a '
+                       'multiple of SEQ_LEN), e.g. --gin.train.eval_lengths='
+                       '(2,4,8).')
+    if cfg.position == 'learned' and k * seq_len > cfg.max_len:
+      raise TrainError(
+          f'eval_lengths {k}x needs {k * seq_len} positions but learned '
+          f'positions stop at ModelConfig.max_len={cfg.max_len}; raise max_len '
+          f'to {k * seq_len} (the extra rows stay untrained) or evaluate at '
+          'shorter lengths.')
+
+
 def checkpoint_tokenizer(init_checkpoint: str | None):
   """The tokenizer a fine-tuning run reads text with: the checkpoint's own
   (glm's SentencePiece or a converted model's Hugging Face one), or None
@@ -290,7 +312,7 @@ def checkpoint_tokenizer(init_checkpoint: str | None):
 
 def build_data(run: Run, data: pipeline.DataConfig, *, data_dir: str,
                tokenizer_vocab_size: int, eval_batches: int,
-               tokenizer=None) -> RunData:
+               eval_lengths: Sequence[int] = (), tokenizer=None) -> RunData:
   """The corpus and tokenizer (built on first use, unless `tokenizer` is
   given), train batches and the held-out sets."""
   train_split = pipeline.open_split(os.path.abspath(data_dir), 'train',
@@ -313,7 +335,8 @@ def build_data(run: Run, data: pipeline.DataConfig, *, data_dir: str,
                            batch_size=run.micro, seed=run.seed,
                            num_batches=eval_batches,
                            breakdown=bool(run.eval_every),
-                           gmask_positions=run.cfg.gmask_positions)
+                           gmask_positions=run.cfg.gmask_positions,
+                           lengths=tuple(eval_lengths))
   return RunData(tok, train_data, sets)
 
 
@@ -534,13 +557,18 @@ def finish(run: Run, data: RunData, state: dict, evaluate: Callable,
            skipped: int, sample_prompt: str, sample_tokens: int,
            t_start: float) -> dict[str, Any]:
   """Held-out loss, a greedy sample and the model folder W/model."""
-  eval_loss = evaluate(state['params'], run.train_steps)
+  row = evaluate(state['params'], run.train_steps)
+  eval_loss = row['all']
   params = state_lib.float32_params(state)  # the master copy, if any
   if jax.process_count() > 1:  # every process gets the full weights
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     params = multihost_utils.process_allgather(params, tiled=True)
   print(f'held-out loss {eval_loss:.4f} (perplexity '
         f'{math.exp(min(eval_loss, 50)):.1f})', flush=True)
+  longer = {k: v for k, v in row.items() if k.startswith('len_')}
+  if longer:
+    print('held-out loss at longer lengths: ' + ', '.join(
+        f'{k[4:]} {v:.4f}' for k, v in longer.items()), flush=True)
   tok, cfg = data.tokenizer, run.cfg
   mixture = dict(data.train.config.mixture)
   blank_infilling = (max(mixture, key=mixture.get) == 'glm_blank_infilling'
@@ -558,7 +586,7 @@ def finish(run: Run, data: RunData, state: dict, evaluate: Callable,
   files.close()
   model_dir = files.path('model')
   result = {'step': run.train_steps, 'train_loss': train_loss,
-            'eval_loss': eval_loss, 'skipped_steps': skipped,
+            'eval_loss': eval_loss, **longer, 'skipped_steps': skipped,
             'sample': sample, 'sampled': sampled, 'model_dir': model_dir,
             'elapsed_s': time.time() - t_start}
   if not files.lead:
