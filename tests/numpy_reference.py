@@ -325,7 +325,7 @@ def forward(cfg, params: Mapping[str, Any],
   if cfg.embed_norm:
     x = _norm(cfg, p['embed_norm'], x)
 
-  alpha = math.sqrt(2.0 * cfg.num_layers)
+  alpha = math.sqrt(2.0 * cfg.num_layers) if cfg.norm_layout == 'deepnorm' else 1.0
   for i in range(cfg.num_layers):
     lp = p[f'layers_{i}']
     _check_layer_keys(cfg, lp)
@@ -333,7 +333,7 @@ def forward(cfg, params: Mapping[str, Any],
       x = x + _attention(cfg, lp['attention'], _norm(cfg, lp['input_norm'], x),
                          mask, pos, block_pos)
       x = x + _mlp(cfg, lp['mlp'], _norm(cfg, lp['post_attention_norm'], x))
-    elif cfg.norm_layout == 'deepnorm':
+    elif cfg.norm_layout in ('post', 'deepnorm'):
       a = _norm(cfg, lp['input_norm'], x)
       x = alpha * a + _attention(cfg, lp['attention'], a, mask, pos, block_pos)
       bb = _norm(cfg, lp['post_attention_norm'], x)

@@ -153,6 +153,9 @@ GRID = {
         dict(position='none', norm_layout='deepnorm', norm_type='rmsnorm',
              mlp_activation='swiglu', use_bias=False, tie_embeddings=False,
              embed_norm=True), batch_prefix_len),
+    'rope_post_ln_gelu_prefix': (
+        dict(position='rope', norm_layout='post', num_layers=3),
+        batch_prefix_mask),
     'learned_deepnorm_gelu_packed': (
         dict(position='learned', norm_layout='deepnorm', final_norm=False,
              tie_embeddings=False), batch_packed),

@@ -103,6 +103,34 @@ def plot_axes(groups: Sequence[dict[str, Any]], axes: Sequence[str],
   return paths
 
 
+def plot_lengths(groups: Sequence[dict[str, Any]], out: str) -> str | None:
+  """Held-out loss against the evaluated length (1x = the training length,
+  then each `len_<k>x`), one line per variant (mean +- std over seeds)."""
+  ks = sorted({int(k[4:-1]) for g in groups for k in g
+               if k.startswith('len_')})
+  if not ks:
+    return None
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for i, g in enumerate(groups):
+    pts = [(1, g['eval_loss'])] if 'eval_loss' in g else []
+    pts += [(k, g[f'len_{k}x']) for k in ks if f'len_{k}x' in g]
+    if not pts:
+      continue
+    label = ', '.join(f'{a.rsplit(".", 1)[-1]}={v.strip(chr(39))}'
+                      for a, v in g['axes'].items()) or 'runs'
+    ax.errorbar([k for k, _ in pts], [m for _, (m, _) in pts],
+                yerr=[s for _, (_, s) in pts], fmt='-o', capsize=3,
+                color=f'C{i % 10}', label=label)
+  ax.set_xscale('log', base=2)
+  ax.set_xticks([1, *ks], ['1x', *(f'{k}x' for k in ks)])
+  ax.set_xlabel('evaluated length / training length')
+  ax.set_ylabel('held-out loss (mean ± std over seeds)')
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  return _save(fig, plt, out)
+
+
 def fit_power_law(x: Sequence[float], y: Sequence[float]
                   ) -> tuple[float, float]:
   """Least squares on logs: y = a * x**b -> (a, b)."""
@@ -150,7 +178,8 @@ def _save(fig, plt, out: str) -> str:
 def sweep_plots(sweep_dir: str, rows: Sequence[dict[str, Any]],
                 axes: Sequence[str], metric: str = 'eval_loss',
                 scaling: bool = False) -> list[str]:
-  """D/curves.png, D/<axis>.png per axis, D/compute.png for scaling sweeps."""
+  """D/curves.png, D/axis_<axis>.png per axis, D/lengths.png when runs were
+  evaluated at longer lengths, D/compute.png for scaling sweeps."""
   groups = results_lib.group_by_seed(rows)
   by_label = {}
   for g in groups:
@@ -160,6 +189,9 @@ def sweep_plots(sweep_dir: str, rows: Sequence[dict[str, Any]],
   paths = [plot_curves(by_label, os.path.join(sweep_dir, 'curves.png'),
                        os.path.basename(os.path.abspath(sweep_dir)))]
   paths += plot_axes(groups, axes, metric, os.path.join(sweep_dir, 'axis_'))
+  lengths = plot_lengths(groups, os.path.join(sweep_dir, 'lengths.png'))
+  if lengths:
+    paths.append(lengths)
   if scaling:
     paths.append(plot_compute(groups, metric,
                               os.path.join(sweep_dir, 'compute.png'))[0])

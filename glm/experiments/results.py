@@ -2,9 +2,11 @@
 std over seeds (variants equal but for `train.seed`).
 
 A row: the variant's axes, status, final and best held-out loss (overall and
-per language), eval task metrics, train loss, median tokens/s, wall time,
-parameters, training tokens and FLOPs (glm.model.info's 3 x forward per token
-x train_steps x batch x seq_len).
+per language, and at longer lengths `len_<k>x`), eval task metrics, train
+loss, loss spikes (logged steps whose train loss is not finite or above 1.2x
+the lowest loss logged before; SPIKE_RATIO), skipped steps, median tokens/s,
+wall time, parameters, training tokens and FLOPs (glm.model.info's 3 x
+forward per token x train_steps x batch x seq_len).
 """
 
 from __future__ import annotations
@@ -18,6 +20,19 @@ from typing import Any, Sequence
 from glm import files
 
 SEED = 'train.seed'
+SPIKE_RATIO = 1.2
+
+
+def loss_spikes(losses: Sequence[float]) -> int:
+  """Logged losses that are not finite or above SPIKE_RATIO x the lowest
+  finite loss logged before them."""
+  spikes, low = 0, math.inf
+  for x in losses:
+    if not math.isfinite(x) or x > SPIKE_RATIO * low:
+      spikes += 1
+    if math.isfinite(x):
+      low = min(low, x)
+  return spikes
 
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:
@@ -46,7 +61,11 @@ def run_row(workdir: str) -> dict[str, Any]:
   if final:
     row |= {'train_loss': final.get('train_loss'),
             'eval_loss': final.get('eval_loss'),
-            'wall_s': final.get('elapsed_s')}
+            'wall_s': final.get('elapsed_s'),
+            'skipped_steps': final.get('skipped_steps')}
+  if metrics:
+    row['loss_spikes'] = loss_spikes(
+        [float(m['loss']) for m in metrics if m.get('loss') is not None])
   if evals:
     row['best_eval_loss'] = min(e['all'] for e in evals if 'all' in e)
     last = evals[-1]
@@ -86,8 +105,9 @@ def sweep_rows(sweep_dir: str, outcome: dict[str, dict] | None = None
   return rows
 
 
-NUMBERS = ('eval_loss', 'best_eval_loss', 'train_loss', 'tokens_per_s',
-           'wall_s', 'params', 'tokens', 'flops')
+NUMBERS = ('eval_loss', 'best_eval_loss', 'train_loss', 'loss_spikes',
+           'skipped_steps', 'tokens_per_s', 'wall_s', 'params', 'tokens',
+           'flops')
 
 
 def group_by_seed(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -134,8 +154,8 @@ def markdown(rows: Sequence[dict[str, Any]], axes: Sequence[str]) -> str:
   """results.md: the seed-mean table, a per-language table, the variants."""
   groups = group_by_seed(rows)
   shown = [a for a in axes if a != SEED]
-  cols = ['eval_loss', 'best_eval_loss', 'train_loss', 'tokens_per_s',
-          'wall_s', 'params', 'flops']
+  cols = ['eval_loss', 'best_eval_loss', 'train_loss', 'loss_spikes',
+          'skipped_steps', 'tokens_per_s', 'wall_s', 'params', 'flops']
   extra = sorted({k for g in groups for k in g
                   if k.startswith(('tasks/', 'task/', 'len_'))})
   head = [*shown, 'seeds', *cols, *extra]

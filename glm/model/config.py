@@ -19,7 +19,7 @@ import gin
 from glm.errors import UserError
 
 POSITIONS = ('alibi', 'rope', 'rope2d', 'learned', 'none')
-NORM_LAYOUTS = ('pre', 'deepnorm')
+NORM_LAYOUTS = ('pre', 'post', 'deepnorm')
 NORM_TYPES = ('layernorm', 'rmsnorm')
 MLP_ACTIVATIONS = ('gelu', 'geglu', 'swiglu')
 DTYPES = ('float32', 'bfloat16', 'mixed', 'auto')  # see glm.model.layers
@@ -55,7 +55,8 @@ class ModelConfig:
   rope_base: float = 10000.0
 
   # Normalisation.
-  norm_layout: str = 'pre'         # 'pre' (pre-LN) or 'deepnorm' (post-LN)
+  norm_layout: str = 'pre'         # 'pre' (pre-LN), 'post' (plain post-LN)
+                                   # or 'deepnorm' (post-LN, alpha and beta)
   norm_type: str = 'layernorm'     # or 'rmsnorm'
   norm_eps: float = 1e-5
   embed_norm: bool = False         # LayerNorm right after the embedding
@@ -157,7 +158,10 @@ class ModelConfig:
 
   @property
   def deepnorm_alpha(self) -> float:
-    """DeepNorm residual scale alpha = sqrt(2N) (GLM-130B)."""
+    """DeepNorm residual scale alpha = sqrt(2N) (GLM-130B); 1 for plain
+    post-LN."""
+    if self.norm_layout == 'post':
+      return 1.0
     return math.sqrt(2.0 * self.num_layers)
 
   @property

@@ -55,8 +55,9 @@ class Block(nn.Module):
     mlp = lambda h: drop(Mlp(cfg, name='mlp')(h))
     ln1 = Norm(cfg, name='input_norm')
     ln2 = Norm(cfg, name='post_attention_norm')
-    if cfg.norm_layout == 'deepnorm':
+    if cfg.norm_layout in ('post', 'deepnorm'):
       # a = LN(x); x' = alpha*a + Attn(a); b = LN(x'); y = alpha*b + FFN(b)
+      # (alpha = 1 is post-LN: each sum normalised by the next LN)
       alpha = cfg.deepnorm_alpha
       a = ln1(x)
       x = alpha * a + attn(a, ctx)
