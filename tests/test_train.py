@@ -25,8 +25,11 @@ def glm(*args):
 
 def test_train_resume_and_score(tmp_path, data_dir):
   workdir = tmp_path / 'w'
+  # GLM blank infilling at rate 0: evaluated (task/...), never trained on.
   common = ['train', '--gin_file', RUN, '--workdir', str(workdir),
-            f"--gin.train.data_dir='{data_dir}'", *SMALL]
+            f"--gin.train.data_dir='{data_dir}'", *SMALL,
+            "--gin.DataConfig.mixture=(('causal_lm', 1.0), "
+            "('glm_blank_infilling', 0.0))"]
   # Held-out loss also at 2x and 4x the training length: ALiBi needs no
   # position table, so 4 * 32 tokens evaluate past max_len=64.
   out = glm(*common, '--gin.TRAIN_STEPS=4', '--gin.ModelConfig.max_len=64',
@@ -47,6 +50,9 @@ def test_train_resume_and_score(tmp_path, data_dir):
     # About ln(vocab) after 4 steps, and not the 1x loss copied.
     assert 3 < last[k] < 9 and last[k] != last['all'], last
     assert final[k] == last[k]
+  for k in ('all', 'task/causal_lm', 'task/glm_blank_infilling'):
+    assert np.isfinite(last[k]) and 0 <= last[f'acc/{k}'] <= 1, last
+  assert last['task/glm_blank_infilling'] != last['task/causal_lm']
 
   # More steps is a new setting: accepted when asked, from the step-4
   # checkpoint.

@@ -371,3 +371,24 @@ def test_dropout_is_seeded_per_step_and_off_at_eval():
   _, m2 = step(_state(opt, params), b, k1)
   _, m3 = step(_state(opt, params), b, None)
   assert float(m1['loss']) == float(m2['loss']) != float(m3['loss'])
+
+
+def test_eval_step_counts_loss_tokens_and_top1_hits_like_numpy():
+  params = transformer.init_params(CFG, jax.random.PRNGKey(3))
+  _, eval_step = step_lib.make_train_step(CFG, optax.sgd(1e-2))
+  batch = _batch(4)
+  # Make some targets the model's own top-1 so that hits are not all zero.
+  logits = np.asarray(transformer.Transformer(CFG).apply(
+      {'params': params}, {'tokens': jnp.asarray(batch['tokens'])}),
+      np.float64)[..., :CFG.vocab_size]
+  batch['targets'][:, ::2] = logits.argmax(-1)[:, ::2]
+  total, count, correct = eval_step(
+      params, {k: jnp.asarray(v) for k, v in batch.items()})
+  mask = batch['loss_mask']
+  logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(
+      -1, keepdims=True)) - logits.max(-1, keepdims=True)
+  nll = -np.take_along_axis(logp, batch['targets'][..., None], -1)[..., 0]
+  hits = logits.argmax(-1) == batch['targets']
+  np.testing.assert_allclose(float(total), (nll * mask).sum(), rtol=1e-5)
+  assert float(count) == mask.sum()
+  assert float(correct) == (hits * mask).sum() > 0

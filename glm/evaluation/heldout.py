@@ -2,11 +2,14 @@
 
   sets = eval_sets(valid_split, data_cfg, seq_len=128, batch_size=16, seed=0,
                    num_batches=8, breakdown=True, lengths=(2, 4))
-  row = evaluate(eval_step, params, sets, put)   # {'all': 3.2, 'len_2x': ...}
+  row = evaluate(eval_step, params, sets, put)   # {'all': 3.2, 'len_2x': ...,
+                                                 #  'acc/all': 0.31, ...}
 
 `all` draws `num_batches` batches of the run's own mixture from the valid
 split; with `breakdown`, every task of a mixture of several gets a quarter
-as many batches of its own (`task/<name>`), and every language of the
+as many batches of its own (`task/<name>`; also a task at rate 0, which is
+how a run is evaluated on an objective it does not train on), and every
+language of the
 corpus one batch of causal windows (`lang/<code>`). Batches are fixed for
 the run (pure functions of the seed), so evaluations are comparable across
 steps and resumes.
@@ -40,7 +43,7 @@ def eval_sets(valid: pipeline.SplitData, data_cfg: pipeline.DataConfig, *,
         max(1, num_batches // k))
   if not breakdown:
     return sets
-  tasks = [t for t, r in data_cfg.mixture if r > 0]
+  tasks = [t for t, _ in data_cfg.mixture]
   if len(tasks) > 1:
     for t in tasks:
       sets[f'task/{t}'] = make(pipeline.DataConfig.for_task(t)).eval_batches(
@@ -53,13 +56,17 @@ def eval_sets(valid: pipeline.SplitData, data_cfg: pipeline.DataConfig, *,
 
 def evaluate(eval_step: Callable, params: Any, sets: dict[str, list[Batch]],
              put: Callable[[Batch], Batch]) -> dict[str, float]:
-  """Mean token loss of every set: eval_step(params, put(batch)) returns
-  (loss sum, token count); `put` places a numpy batch on the devices."""
-  row = {}
+  """Mean token loss of every set (`name`) and its teacher-forced top-1
+  token accuracy (`acc/<name>`): eval_step(params, put(batch)) returns
+  (loss sum, token count, correct count); `put` places a numpy batch on the
+  devices."""
+  row, acc = {}, {}
   for name, batches in sets.items():
-    total = count = 0.0
+    total = count = correct = 0.0
     for b in batches:
-      s, c = eval_step(params, put(b))
+      s, c, k = eval_step(params, put(b))
       total, count = total + float(s), count + float(c)
+      correct += float(k)
     row[name] = total / max(count, 1.0)
-  return row
+    acc[f'acc/{name}'] = correct / max(count, 1.0)
+  return row | acc

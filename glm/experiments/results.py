@@ -2,7 +2,8 @@
 std over seeds (variants equal but for `train.seed`).
 
 A row: the variant's axes, status, final and best held-out loss (overall and
-per language, and at longer lengths `len_<k>x`), eval task metrics, train
+per language, and at longer lengths `len_<k>x`) and token accuracy
+(`acc/...`), eval task metrics, train
 loss, loss spikes (logged steps whose train loss is not finite or above 1.2x
 the lowest loss logged before; SPIKE_RATIO), skipped steps, median tokens/s,
 wall time, parameters, training tokens and FLOPs (glm.model.info's 3 x
@@ -70,7 +71,7 @@ def run_row(workdir: str) -> dict[str, Any]:
     row['best_eval_loss'] = min(e['all'] for e in evals if 'all' in e)
     last = evals[-1]
     row |= {k: v for k, v in last.items()
-            if k.startswith(('lang/', 'task/', 'tasks/', 'len_'))}
+            if k.startswith(('lang/', 'task/', 'tasks/', 'len_', 'acc/'))}
   speeds = [m['tokens_per_s'] for m in metrics[1:] if 'tokens_per_s' in m]
   if speeds:
     row['tokens_per_s'] = statistics.median(speeds)
@@ -125,7 +126,7 @@ def group_by_seed(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                          'names': [m['name'] for m in members]}
     fields = sorted({k for m in done for k in m
                      if k in NUMBERS or k.startswith(('lang/', 'tasks/',
-                                                      'task/', 'len_'))})
+                                                      'task/', 'len_', 'acc/'))})
     for k in fields:
       vals = [m[k] for m in done if isinstance(m.get(k), (int, float))]
       if vals:
@@ -157,7 +158,8 @@ def markdown(rows: Sequence[dict[str, Any]], axes: Sequence[str]) -> str:
   cols = ['eval_loss', 'best_eval_loss', 'train_loss', 'loss_spikes',
           'skipped_steps', 'tokens_per_s', 'wall_s', 'params', 'flops']
   extra = sorted({k for g in groups for k in g
-                  if k.startswith(('tasks/', 'task/', 'len_'))})
+                  if k.startswith(('tasks/', 'task/', 'len_', 'acc/task/'))
+                  or k == 'acc/all'})
   head = [*shown, 'seeds', *cols, *extra]
   lines = ['# Sweep results', '',
            'Mean ± std over seeds (variants equal but for train.seed); '

@@ -1,7 +1,7 @@
 """The jitted train and eval steps.
 
   train_step(state, batch [A, B, T], rng) -> (state, metrics)
-  eval_step(params, batch [B, T]) -> (loss sum, token count)
+  eval_step(params, batch [B, T]) -> (loss sum, token count, correct count)
 
 The train step accumulates gradients over A micro-batches (token-weighted),
 then applies the update unless the loss or the gradients are not finite, or
@@ -147,7 +147,13 @@ def make_train_step(cfg: ModelConfig, opt: optax.GradientTransformation, *,
 
   def eval_step(params, batch):
     logits = model.apply({'params': params}, batch)
-    return losses.cross_entropy(logits, batch['targets'], batch['loss_mask'])
+    total, count = losses.cross_entropy(logits, batch['targets'],
+                                        batch['loss_mask'])
+    # Teacher-forced top-1 accuracy of the counted tokens (padded-vocab
+    # logits are the float32 minimum and never win).
+    hit = jnp.argmax(logits, axis=-1) == batch['targets']
+    correct = jnp.sum(hit * batch['loss_mask'].astype(jnp.float32))
+    return total, count, correct
 
   if not sharded:
     return (jax.jit(train_step, donate_argnums=0 if donate else ()),
