@@ -12,6 +12,7 @@ import pytest
 
 from glm.experiments import plot
 from glm.experiments import results
+from glm.experiments import scaling
 from glm.experiments import sweep
 from train_cli import ROOT, RUNS, TINY  # tests/train_cli.py
 
@@ -69,6 +70,70 @@ def test_power_law_fit_recovers_the_exponent():
   assert abs(b + 0.05) < 1e-9 and abs(a - 3.0) < 1e-6
 
 
+def test_loss_spikes_count_jumps_over_the_running_minimum():
+  assert results.loss_spikes([8.0, 6.0, 5.0, 5.5, 6.5, 4.0, float('nan'),
+                              4.9, 4.7]) == 3  # 6.5, nan, 4.9 (> 1.2 * 4)
+  assert results.loss_spikes([5.0, 4.0, 3.0]) == 0
+
+
+def test_isoflop_fit_recovers_optimum_and_exponents_and_flags_edges(tmp_path):
+  rows = []
+  for c in (1e11, 1e12, 1e13):
+    n_opt = 0.3 * c ** 0.5
+    for n in n_opt * np.array([0.2, 0.5, 1.5, 4.0]):
+      rows.append({'flops': c * 1.02, 'params': n, 'tokens': c / (6 * n),
+                   'eval_loss': 2 + 0.5 * np.log10(n / n_opt) ** 2})
+  # A budget whose sizes are all past its optimum: an edge, left out.
+  for n in (1e6, 2e6, 4e6):
+    rows.append({'flops': 3e9, 'params': n, 'tokens': 3e9 / (6 * n),
+                 'eval_loss': 5 + np.log10(n)})
+  fitted = scaling.fit(rows, [3e9, 1e11, 1e12, 1e13])
+  assert [e['edge'] for e in fitted['budgets']] == [True, False, False, False]
+  assert fitted['fitted_on'] == 3
+  assert fitted['n_fit'][1] == pytest.approx(0.5, abs=1e-6)
+  assert fitted['d_fit'][1] == pytest.approx(0.5, abs=0.02)
+  assert fitted['budgets'][1]['n_opt'] == pytest.approx(0.3 * 1e11 ** 0.5,
+                                                        rel=1e-6)
+  md = scaling.markdown(fitted)
+  assert 'N_opt ~ C^0.500 (fitted on 3 budgets)' in md
+  png = plot.plot_isoflop(fitted, str(tmp_path / 'iso.png'))
+  assert open(png, 'rb').read(8) == PNG
+
+
+def test_isoflop_block_turns_budgets_into_steps_of_equal_flops(tmp_path,
+                                                              monkeypatch):
+  spec = tmp_path / 'iso.yaml'
+  spec.write_text(
+      'gin_file: configs/runs/default.gin\n'
+      'bindings: {BATCH_SIZE: 4, SEQ_LEN: 32}\n'
+      'isoflop: {budgets: [1.0e+11, 4.0e+11], sizes: [[16, 1, 2], '
+      '[32, 2, 2], [64, 2, 4]], tokens_per_param: [0.5, 100]}\n')
+  monkeypatch.chdir(ROOT)
+  s = sweep.build([], [], str(spec), [], str(tmp_path / 'w'))
+  assert s.isoflop_budgets == [1e11, 4e11] and s.scaling
+  from glm.model import info
+  from glm.model.config import ModelConfig
+  # Which (budget, size) pairs belong, computed here from the definition.
+  want = set()
+  for c in (1e11, 4e11):
+    for h, l, a in ((16, 1, 2), (32, 2, 2), (64, 2, 4)):
+      cfg = ModelConfig(hidden=h, num_layers=l, num_heads=a, mlp_dim=4 * h,
+                        vocab_size=4096, max_len=512)  # tiny_bloom's vocab
+      stats = info.info(cfg, 32)
+      steps = round(c / (float(stats['flops_per_token']) * 4 * 32))
+      if 0.5 <= steps * 4 * 32 / stats['params'] <= 100:
+        want.add((h, l, a, 4 * h, steps))
+        # Steps of equal FLOPs: within rounding of the budget.
+        assert float(stats['flops_per_token']) * steps * 128 == (
+            pytest.approx(c, rel=0.05))
+  got = {tuple(int(x) for x in dict(v.axes).values()) for v in s.variants}
+  # This plain config lacks tiny_bloom's embedding LayerNorm: a few
+  # parameters fewer, so steps may differ in the last digit.
+  assert len(got) == len(want) >= 3
+  for g in got:
+    (w,) = [w for w in want if w[:4] == g[:4] and abs(w[4] / g[4] - 1) < .01]
+
+
 def _fake_run(d, losses, eval_loss, seq_len=32):
   os.makedirs(d)
   with open(os.path.join(d, 'metrics.jsonl'), 'w') as f:
@@ -79,7 +144,8 @@ def _fake_run(d, losses, eval_loss, seq_len=32):
     f.write(json.dumps({'step': 1, 'all': eval_loss + 1, 'lang/en': 9.0}) +
             '\n')
     f.write(json.dumps({'step': len(losses), 'all': eval_loss,
-                        'lang/en': eval_loss + 0.5}) + '\n')
+                        'lang/en': eval_loss + 0.5, 'acc/all': 0.25,
+                        'len_2x': eval_loss + 0.1}) + '\n')
   with open(os.path.join(d, 'final.json'), 'w') as f:
     json.dump({'step': len(losses), 'train_loss': losses[-1],
                'eval_loss': eval_loss, 'elapsed_s': 7.0}, f)
@@ -112,8 +178,10 @@ def test_results_mean_std_over_seeds_and_plots(tmp_path):
   assert '## Final held-out loss per language' in md
   assert len(open(os.path.join(d, 'results.jsonl')).readlines()) == 4
   paths = plot.sweep_plots(d, rows, ['ModelConfig.position', 'train.seed'])
-  assert [os.path.basename(p) for p in paths] == ['curves.png',
-                                                  'axis_position.png']
+  assert rows[0]['acc/all'] == 0.25 and rows[0]['len_2x'] == 3.1
+  assert rows[0]['loss_spikes'] == 0
+  assert [os.path.basename(p) for p in paths] == [
+      'curves.png', 'axis_position.png', 'lengths.png']
   for p in paths:
     assert open(p, 'rb').read(8) == PNG
 

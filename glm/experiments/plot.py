@@ -166,6 +166,48 @@ def plot_compute(groups: Sequence[dict[str, Any]], metric: str,
   return _save(fig, plt, out), fit
 
 
+def plot_isoflop(result: dict[str, Any], out: str) -> str:
+  """Left: loss against parameters per budget (the fitted parabola, N_opt
+  marked). Right: N_opt and D_opt against C with the fitted power laws."""
+  plt = _pyplot()
+  fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+  for i, e in enumerate(result['budgets']):
+    color = f'C{i % 10}'
+    left.plot(e['params'], e['loss'], 'o', color=color,
+              label=f"C = {e['budget']:.2g}")
+    if 'parabola' in e:
+      x = np.linspace(math.log10(min(e['params'])),
+                      math.log10(max(e['params'])), 50)
+      left.plot(10 ** x, np.polyval(e['parabola'], x), '-', color=color,
+                lw=0.8)
+    left.axvline(e['n_opt'], color=color, ls=':' if e['edge'] else '--',
+                 lw=0.8)
+  left.set_xscale('log')
+  left.set_xlabel('parameters N')
+  left.set_ylabel(result['metric'])
+  left.set_title('IsoFLOP curves (dotted: optimum at the edge)')
+  left.legend(fontsize=7)
+  left.grid(alpha=0.3, which='both')
+  inner = [e for e in result['budgets'] if not e['edge']]
+  for key, fit_key, marker, name in (('n_opt', 'n_fit', 'o', 'N_opt'),
+                                     ('d_opt', 'd_fit', 's', 'D_opt')):
+    c = np.array([e['budget'] for e in inner], float)
+    right.plot(c, [e[key] for e in inner], marker, label=name)
+    fitted = result.get(fit_key)
+    if fitted:
+      grid = np.geomspace(c.min(), c.max(), 20)
+      right.plot(grid, fitted[0] * grid ** fitted[1], '--',
+                 label=f'{name} ~ C^{fitted[1]:.2f}')
+  right.set_xscale('log')
+  right.set_yscale('log')
+  right.set_xlabel('training compute C (FLOPs)')
+  right.set_ylabel('parameters / tokens')
+  right.set_title('compute-optimal N and D')
+  right.legend(fontsize=7)
+  right.grid(alpha=0.3, which='both')
+  return _save(fig, plt, out)
+
+
 def _save(fig, plt, out: str) -> str:
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   fig.tight_layout()

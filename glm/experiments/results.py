@@ -192,9 +192,10 @@ def markdown(rows: Sequence[dict[str, Any]], axes: Sequence[str]) -> str:
 
 
 def write(sweep_dir: str, rows: Sequence[dict[str, Any]],
-          axes: Sequence[str]) -> None:
-  """D/results.jsonl and D/results.md, each written whole then renamed."""
+          axes: Sequence[str], extra: str = '') -> None:
+  """D/results.jsonl and D/results.md (+ `extra` sections), each written
+  whole then renamed."""
   text = ''.join(json.dumps(r) + '\n' for r in rows)
   files.write_text_atomic(os.path.join(sweep_dir, 'results.jsonl'), text)
   files.write_text_atomic(os.path.join(sweep_dir, 'results.md'),
-                          markdown(rows, axes))
+                          markdown(rows, axes) + extra)

@@ -19,6 +19,7 @@ A sweep file (configs/ablations/*.yaml) names the axes:
   bindings: {TRAIN_STEPS: 200}              # every variant
   grid: {ModelConfig.position: [alibi, rope], train.seed: [0, 1]}
   zip: {ModelConfig.hidden: [32, 64], ModelConfig.num_layers: [2, 4]}
+  isoflop: {budgets: [...], sizes: [...]}   # glm.experiments.scaling
 
 Values are YAML scalars (strings become gin strings; '@x' and '%X' stay gin
 references) or, with --axis NAME=V1,V2 on the command line, gin literals.
@@ -109,11 +110,11 @@ def load_spec(path: str) -> dict:
   with open(path) as f:
     spec = yaml.safe_load(f) or {}
   unknown = set(spec) - {'gin_file', 'bindings', 'grid', 'zip', 'scaling',
-                         'description', 'metric'}
+                         'description', 'metric', 'isoflop'}
   if unknown:
     raise SweepError(f'sweep file {path} has unknown keys {sorted(unknown)}; '
-                     'use gin_file, bindings, grid, zip, scaling, metric, '
-                     'description.')
+                     'use gin_file, bindings, grid, zip, isoflop, scaling, '
+                     'metric, description.')
   for key in ('grid', 'zip'):
     for name, values in (spec.get(key) or {}).items():
       if not isinstance(values, list) or not values:
@@ -174,6 +175,7 @@ class Sweep:
   mesh: str | None = None
   scaling: bool = False
   metric: str = 'eval_loss'
+  isoflop_budgets: list[float] | None = None  # an IsoFLOP sweep's budgets
 
   def argv(self, v: Variant) -> list[str]:
     out = [sys.executable, '-m', 'glm', 'train']
@@ -209,12 +211,18 @@ def build(gin_files: Sequence[str], bindings: Sequence[str],
     grid[name] = values
   zipped = {k: [gin_literal(x) for x in v] for k, v in
             (spec.get('zip') or {}).items()}
+  budgets = None
+  if spec.get('isoflop'):
+    from glm.experiments import scaling  # pylint: disable=g-import-not-at-top
+    sizes, budgets = scaling.plan(files, [*fixed, *bindings], spec['isoflop'])
+    zipped |= {k: [str(x) for x in v] for k, v in sizes.items()}
   vs = variants(grid, zipped)
   return Sweep(workdir=workdir, gin_files=files,
                bindings=[*fixed, *bindings], variants=vs,
                axes=[*grid, *zipped], mesh=mesh,
-               scaling=bool(spec.get('scaling')),
-               metric=spec.get('metric', 'eval_loss'))
+               scaling=bool(spec.get('scaling') or budgets),
+               metric=spec.get('metric', 'eval_loss'),
+               isoflop_budgets=budgets)
 
 
 def is_done(sweep: Sweep, v: Variant, recorded: dict[str, list[str]]) -> bool:
@@ -261,7 +269,7 @@ def run(sweep: Sweep, parallel: int = 1, poll_s: float = 2.0,
   todo = [v for v in sweep.variants if v.name not in outcome]
   meta = {'gin_files': sweep.gin_files, 'bindings': sweep.bindings,
           'axes': sweep.axes, 'mesh': sweep.mesh, 'scaling': sweep.scaling,
-          'metric': sweep.metric,
+          'metric': sweep.metric, 'isoflop_budgets': sweep.isoflop_budgets,
           'variants': [{'name': v.name, 'axes': dict(v.axes)}
                        for v in sweep.variants],
           'argv': {**recorded, **{v.name: sweep.argv(v)[1:]

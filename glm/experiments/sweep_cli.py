@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Sequence
 
+from glm import files
 from glm.errors import UserError
 from glm.experiments import results as results_lib
 from glm.experiments import sweep as sweep_lib
@@ -52,9 +54,18 @@ def finish(sweep: sweep_lib.Sweep, outcome: dict[str, dict]) -> int:
   """results.jsonl, results.md and the plots; 1 when a variant failed."""
   from glm.experiments import plot  # pylint: disable=g-import-not-at-top
   rows = results_lib.sweep_rows(sweep.workdir, outcome)
-  results_lib.write(sweep.workdir, rows, sweep.axes)
+  extra = ''
   pngs = plot.sweep_plots(sweep.workdir, rows, sweep.axes, sweep.metric,
                           scaling=sweep.scaling)
+  if sweep.isoflop_budgets:
+    from glm.experiments import scaling  # pylint: disable=g-import-not-at-top
+    fitted = scaling.fit(rows, sweep.isoflop_budgets, sweep.metric)
+    files.write_text_atomic(os.path.join(sweep.workdir, 'isoflop.json'),
+                            json.dumps(fitted, indent=1))
+    extra = scaling.markdown(fitted)
+    pngs.append(plot.plot_isoflop(fitted,
+                                  os.path.join(sweep.workdir, 'isoflop.png')))
+  results_lib.write(sweep.workdir, rows, sweep.axes, extra=extra)
   failed = [r['name'] for r in rows if r['status'] == 'failed']
   print(f'glm sweep: wrote {os.path.join(sweep.workdir, "results.md")}, '
         f'results.jsonl and {len(pngs)} plots'
