@@ -17,7 +17,7 @@ PYTEST_ARGS ?=
 # xdist_group-marked files (tests/test_parallel.py) whole.
 TEST_WORKERS ?= 2
 
-.PHONY: run eval test test-slow install clean
+.PHONY: run eval test test-slow install clean reproduce
 
 install: $(STAMP)
 
@@ -39,6 +39,32 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+
+# REPRODUCTION.md: every claim's sweep (configs/ablations/<name>.yaml) into
+# runs/ablations/<name>/, its table and plots copied to reproduction/<name>/,
+# then INT8 / INT4 on the models the sweeps trained. CLAIMS picks some;
+# SWEEP_ARGS scales them (e.g. SWEEP_ARGS="--gin.TRAIN_STEPS=4000").
+CLAIMS ?= positions embedding_stability deepnorm glm_vs_causal ul2_vs_causal isoflop
+PARALLEL ?= 2
+SWEEP_ARGS ?=
+reproduce: $(STAMP)
+	@for c in $(CLAIMS); do \
+	  $(BIN)/glm sweep --sweep configs/ablations/$$c.yaml \
+	      --workdir runs/ablations/$$c --parallel $(PARALLEL) $(SWEEP_ARGS) \
+	    && mkdir -p reproduction/$$c \
+	    && cp runs/ablations/$$c/results.md runs/ablations/$$c/results.jsonl \
+	          runs/ablations/$$c/*.png reproduction/$$c/ \
+	    && if [ -f runs/ablations/$$c/isoflop.json ]; then \
+	         cp runs/ablations/$$c/isoflop.json reproduction/$$c/; fi \
+	    || exit 1; \
+	done
+	$(BIN)/python benchmarks/quantize.py --seq_len 64 \
+	    --out reproduction/quantization/quantize.json \
+	    --model bloom_seed0=runs/ablations/positions/position=alibi_seed=0/model:causal_lm \
+	    --model bloom_seed1=runs/ablations/positions/position=alibi_seed=1/model:causal_lm \
+	    --model glm_seed0=runs/ablations/glm_vs_causal/mixture=GLM_VS_CAUSAL_seed=0/model:glm_blank_infilling \
+	    --model glm_seed1=runs/ablations/glm_vs_causal/mixture=GLM_VS_CAUSAL_seed=1/model:glm_blank_infilling \
+	    --model ul2_seed0=runs/ablations/ul2_vs_causal/mixture=UL2_VS_CAUSAL_seed=0/model:causal_lm
 
 clean:
 	rm -rf $(VENV) .cache runs
