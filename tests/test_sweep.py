@@ -177,6 +177,10 @@ def test_results_mean_std_over_seeds_and_plots(tmp_path):
   assert "| 'rope' | 2 | 4.1 ± 0.1414 |" in md
   assert '## Final held-out loss per language' in md
   assert len(open(os.path.join(d, 'results.jsonl')).readlines()) == 4
+  umask = os.umask(0)
+  os.umask(umask)  # written whole, yet with open()'s permissions, not 0600
+  assert os.stat(os.path.join(d, 'results.md')).st_mode & 0o777 == (
+      0o666 & ~umask)
   paths = plot.sweep_plots(d, rows, ['ModelConfig.position', 'train.seed'])
   assert rows[0]['acc/all'] == 0.25 and rows[0]['len_2x'] == 3.1
   assert rows[0]['loss_spikes'] == 0
