@@ -230,6 +230,32 @@ def test_a_failed_variant_is_recorded_and_the_sweep_says_so(tmp_path):
       'nothing to sweep; give --sweep FILE or one or more --axis NAME=V1,V2.')
 
 
+def test_parallel_variants_wait_for_the_first_one_to_log_a_step(
+    tmp_path, monkeypatch):
+  # Stand-in variants: record the start time, write the first metrics line
+  # after 1 s (the data is built by then), exit 0.2 s later.
+  script = (
+      'import json, os, sys, time\n'
+      'w = sys.argv[1]; os.makedirs(w, exist_ok=True)\n'
+      'open(os.path.join(w, "start"), "w").write(repr(time.time()))\n'
+      'time.sleep(1.0)\n'
+      'open(os.path.join(w, "metrics.jsonl"), "w").write(\n'
+      '    json.dumps({"step": 1, "t": time.time()}) + "\\n")\n'
+      'time.sleep(0.2)\n')
+  s = sweep.Sweep(workdir=str(tmp_path), gin_files=[], bindings=[],
+                  variants=[sweep.Variant(f'v{i}', (('train.seed', str(i)),))
+                            for i in range(3)], axes=['train.seed'])
+  monkeypatch.setattr(sweep.Sweep, 'argv', lambda self, v: [
+      sys.executable, '-c', script, os.path.join(self.workdir, v.name)])
+  out = sweep.run(s, parallel=2, poll_s=0.05, log=lambda *a: None)
+  assert {o['status'] for o in out.values()} == {'done'}
+  start = lambda n: float((tmp_path / n / 'start').read_text())
+  first_step = json.loads((tmp_path / 'v0' / 'metrics.jsonl').read_text())['t']
+  assert start('v1') >= first_step and start('v2') >= first_step
+  assert start('v2') < float(json.loads(
+      (tmp_path / 'v1' / 'metrics.jsonl').read_text())['t'])  # 2 at once
+
+
 def _sweep(workdir, data_dir, *extra):
   return subprocess.run(
       [sys.executable, '-m', 'glm', 'sweep', '--gin_file',

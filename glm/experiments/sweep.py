@@ -281,10 +281,16 @@ def run(sweep: Sweep, parallel: int = 1, poll_s: float = 2.0,
   shares = _cpu_shares(parallel)
   free = list(range(len(shares)))
   running: dict[int, tuple[Variant, subprocess.Popen, float, Any]] = {}
+  # The first variant runs alone until it logs a step: the corpus and the
+  # tokenizer it builds on first use are then not built twice at once.
+  gate: tuple[str, subprocess.Popen] | None = None
   durations: list[float] = []
   last_status = time.time()
   while todo or running:
     while todo and free:
+      if (gate is not None and gate[1].poll() is None
+          and _latest_step(gate[0]) is None):
+        break
       slot, v = free.pop(0), todo.pop(0)
       env = dict(os.environ)
       if parallel > 1:  # each child compiles and runs on its own cores
@@ -297,6 +303,7 @@ def run(sweep: Sweep, parallel: int = 1, poll_s: float = 2.0,
           preexec_fn=(lambda s=share: os.sched_setaffinity(0, s))
           if parallel > 1 else None)
       running[slot] = (v, proc, time.time(), logf)
+      gate = gate or (os.path.join(sweep.workdir, v.name), proc)
       log(f'start {v.name}')
     time.sleep(poll_s)
     for slot, (v, proc, t0, logf) in list(running.items()):

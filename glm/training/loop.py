@@ -315,9 +315,12 @@ def build_data(run: Run, data: pipeline.DataConfig, *, data_dir: str,
                eval_lengths: Sequence[int] = (), tokenizer=None) -> RunData:
   """The corpus and tokenizer (built on first use, unless `tokenizer` is
   given), train batches and the held-out sets."""
+  # The tokenizer belongs to the data folder, not to the run: its seed stays
+  # fixed (with train.seed, a seed sweep retrained the shared spm_<V> file for
+  # each seed, under the variants reading it).
   train_split = pipeline.open_split(os.path.abspath(data_dir), 'train',
                                     vocab_size=tokenizer_vocab_size,
-                                    seed=run.seed, tokenizer=tokenizer)
+                                    tokenizer=tokenizer)
   tok = train_split.tok
   if tok.vocab_size > run.cfg.vocab_size:
     fix = ('raise ModelConfig.vocab_size' if tokenizer is None else
