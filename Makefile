@@ -62,9 +62,9 @@ reproduce: $(STAMP)
 	    --out reproduction/quantization/quantize.json \
 	    --model bloom_seed0=runs/ablations/positions/position=alibi_seed=0/model:causal_lm \
 	    --model bloom_seed1=runs/ablations/positions/position=alibi_seed=1/model:causal_lm \
-	    --model glm_seed0=runs/ablations/glm_vs_causal/mixture=GLM_VS_CAUSAL_seed=0/model:glm_blank_infilling \
-	    --model glm_seed1=runs/ablations/glm_vs_causal/mixture=GLM_VS_CAUSAL_seed=1/model:glm_blank_infilling \
-	    --model ul2_seed0=runs/ablations/ul2_vs_causal/mixture=UL2_VS_CAUSAL_seed=0/model:causal_lm
+	    --model glm_seed0=runs/ablations/glm_vs_causal/mixture=GLM-VS-CAUSAL_seed=0/model:glm_blank_infilling \
+	    --model glm_seed1=runs/ablations/glm_vs_causal/mixture=GLM-VS-CAUSAL_seed=1/model:glm_blank_infilling \
+	    --model ul2_seed0=runs/ablations/ul2_vs_causal/mixture=UL2-VS-CAUSAL_seed=0/model:causal_lm
 
 clean:
 	rm -rf $(VENV) .cache runs
