@@ -93,10 +93,8 @@ def plan(gin_files: Sequence[str], bindings: Sequence[str],
 
 
 def _power_law(c: np.ndarray, y: np.ndarray) -> tuple[float, float] | None:
-  if len(c) < 2:
-    return None
-  b, log_a = np.polyfit(np.log(c), np.log(y), 1)
-  return float(math.exp(log_a)), float(b)
+  from glm.experiments import plot  # pylint: disable=g-import-not-at-top
+  return plot.fit_power_law(c, y) if len(c) >= 2 else None
 
 
 def fit(rows: Sequence[dict[str, Any]], budgets: Sequence[float],
