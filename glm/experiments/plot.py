@@ -183,20 +183,22 @@ def plot_isoflop(result: dict[str, Any], out: str) -> str:
     left.axvline(e['n_opt'], color=color, ls=':' if e['edge'] else '--',
                  lw=0.8)
   left.set_xscale('log')
+  left.minorticks_off()  # log-axis minor labels collide on a narrow range
   left.set_xlabel('parameters N')
   left.set_ylabel(result['metric'])
   left.set_title('IsoFLOP curves (dotted: optimum at the edge)')
   left.legend(fontsize=7)
   left.grid(alpha=0.3, which='both')
   inner = [e for e in result['budgets'] if not e['edge']]
-  for key, fit_key, marker, name in (('n_opt', 'n_fit', 'o', 'N_opt'),
-                                     ('d_opt', 'd_fit', 's', 'D_opt')):
+  for color, (key, fit_key, marker, name) in enumerate((
+      ('n_opt', 'n_fit', 'o', 'N_opt'), ('d_opt', 'd_fit', 's', 'D_opt'))):
     c = np.array([e['budget'] for e in inner], float)
-    right.plot(c, [e[key] for e in inner], marker, label=name)
+    right.plot(c, [e[key] for e in inner], marker, color=f'C{color}',
+               label=name)
     fitted = result.get(fit_key)
     if fitted:
       grid = np.geomspace(c.min(), c.max(), 20)
-      right.plot(grid, fitted[0] * grid ** fitted[1], '--',
+      right.plot(grid, fitted[0] * grid ** fitted[1], '--', color=f'C{color}',
                  label=f'{name} ~ C^{fitted[1]:.2f}')
   right.set_xscale('log')
   right.set_yscale('log')

@@ -55,7 +55,9 @@ def finish(sweep: sweep_lib.Sweep, outcome: dict[str, dict]) -> int:
   from glm.experiments import plot  # pylint: disable=g-import-not-at-top
   rows = results_lib.sweep_rows(sweep.workdir, outcome)
   extra = ''
-  pngs = plot.sweep_plots(sweep.workdir, rows, sweep.axes, sweep.metric,
+  # An IsoFLOP sweep's zipped sizes are no axes to plot one by one.
+  axes = [] if sweep.isoflop_budgets else sweep.axes
+  pngs = plot.sweep_plots(sweep.workdir, rows, axes, sweep.metric,
                           scaling=sweep.scaling)
   if sweep.isoflop_budgets:
     from glm.experiments import scaling  # pylint: disable=g-import-not-at-top
