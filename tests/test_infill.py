@@ -148,7 +148,7 @@ def _pattern_batch(rng, cfg, batch, length, seq_len):
 
 
 @functools.lru_cache(maxsize=1)
-def _trained(length=8, steps=300):
+def _trained(length=8, steps=500):
   cfg = make_cfg('glm130b', hidden=64, num_heads=4, mlp_dim=128)
   model = transformer.Transformer(cfg)
   params = transformer.init_params(cfg, jax.random.PRNGKey(0))
@@ -175,9 +175,10 @@ def _trained(length=8, steps=300):
 
 
 def test_trained_tiny_glm_fills_blanks():
-  """A few hundred steps on counting windows: [gMASK] continuations, one
-  [MASK] and two [MASK]s per text (the second laid out with the first
-  filled) come out exact, and <eop> ends each blank."""
+  """500 steps on counting windows: [gMASK] continuations, one [MASK] and
+  two [MASK]s per text (the second laid out with the first filled) come out
+  exact, and <eop> ends each blank. (At 300 steps one blank of 24 came out
+  short on another CPU: the margin is for XLA's numerics across machines.)"""
   cfg, params, loss = _trained()
   assert loss < 0.1, loss
   rng = np.random.default_rng(1)

@@ -29,6 +29,7 @@ def run(argv, devices=1, **kw):
                         timeout=900, **kw)
 
 
+@pytest.mark.slow  # two 2-process runs and one single run: ~2 min
 def test_two_processes_equal_one(tmp_path, data_dir):
   one = run(['train', *train_args(tmp_path / 'one', data_dir)])
   assert one.returncode == 0, one.stderr[-3000:]

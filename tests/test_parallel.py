@@ -13,6 +13,7 @@ import re
 import subprocess
 import sys
 
+import filelock
 import numpy as np
 import pytest
 
@@ -24,30 +25,39 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, 'tests'))
 import parallel_worker  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-# Under pytest-xdist (`make test`), one worker runs this file's tests, so the
-# 8-device subprocess behind each session fixture runs once.
-pytestmark = pytest.mark.xdist_group('parallel')
+# The 8-device runs take minutes on 2 busy cores: the tests that read them
+# are `slow` (CI's second step, `make test-slow`).
 
 
-def _worker(tmp_path_factory, part):
-  out = tmp_path_factory.mktemp('parallel_' + part)
-  env = dict(os.environ, JAX_NUM_CPU_DEVICES='8', JAX_PLATFORMS='cpu')
-  proc = subprocess.run(
-      [sys.executable, os.path.join(ROOT, 'tests', 'parallel_worker.py'),
-       str(out), part], env=env, cwd=ROOT, capture_output=True, text=True,
-      timeout=1800)
-  assert proc.returncode == 0, proc.stderr[-4000:]
+def _worker(tmp_path_factory, worker_id, part):
+  """The 8-device run of `part`, once per session: under pytest-xdist the
+  first worker to take the lock runs it and the others read its output (the
+  run is slow, and slower still beside a second copy of itself)."""
+  base = tmp_path_factory.getbasetemp()
+  if worker_id != 'master':
+    base = base.parent  # shared by the workers of this session
+  out = base / f'parallel_{part}'
+  with filelock.FileLock(f'{out}.lock'):
+    if not (out / 'done').exists():
+      out.mkdir(exist_ok=True)
+      env = dict(os.environ, JAX_NUM_CPU_DEVICES='8', JAX_PLATFORMS='cpu')
+      proc = subprocess.run(
+          [sys.executable, os.path.join(ROOT, 'tests', 'parallel_worker.py'),
+           str(out), part], env=env, cwd=ROOT, capture_output=True,
+          text=True, timeout=1800)
+      assert proc.returncode == 0, proc.stderr[-4000:]
+      (out / 'done').write_text('')
   return str(out)
 
 
 @pytest.fixture(scope='session')
-def parallel_runs(tmp_path_factory):
-  return _worker(tmp_path_factory, 'default')
+def parallel_runs(tmp_path_factory, worker_id):
+  return _worker(tmp_path_factory, worker_id, 'default')
 
 
 @pytest.fixture(scope='session')
-def parallel_runs_rest(tmp_path_factory):
-  return _worker(tmp_path_factory, 'rest')
+def parallel_runs_rest(tmp_path_factory, worker_id):
+  return _worker(tmp_path_factory, worker_id, 'rest')
 
 
 def _load(runs, family, layout):
@@ -59,6 +69,7 @@ def _grid(part):
           for l in ls]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('family,layout', _grid('default'))
 def test_layout_equals_one_device(parallel_runs, family, layout):
   _check_layout(parallel_runs, family, layout)
@@ -96,6 +107,7 @@ def _check_layout(runs, family, layout):
                                err_msg=k)
 
 
+@pytest.mark.slow
 def test_sharding_really_splits_state(parallel_runs):
   """FSDP splits parameters and optimiser state; ZeRO-1 only the latter."""
   shape = lambda layout, what: tuple(
@@ -109,6 +121,7 @@ def test_sharding_really_splits_state(parallel_runs):
   assert np.prod(shape('tensor', 'param')) * 8 == np.prod(full)
 
 
+@pytest.mark.slow
 def test_checkpoint_restores_on_other_meshes(parallel_runs):
   r = np.load(os.path.join(parallel_runs, 'restore.npz'))
   saved = [k for k in r.files if k.startswith('saved')]
@@ -120,6 +133,7 @@ def test_checkpoint_restores_on_other_meshes(parallel_runs):
                                     err_msg=f'{name} {k}')
 
 
+@pytest.mark.slow
 def test_vocab_parallel_never_gathers_the_vocab(parallel_runs):
   """No array in the compiled tensor=8 step has the full vocabulary as a
   dimension (per-device shapes after partitioning); the one-device step
