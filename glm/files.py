@@ -1,9 +1,20 @@
-"""Writing files whole: a failure leaves the old file or none, never half."""
+"""Writing files whole (a failure leaves the old file or none, never half)
+and reading JSON-lines files back."""
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
+from typing import Any
+
+
+def read_jsonl(path: str) -> list[dict[str, Any]]:
+  """The rows of a JSON-lines file, [] if there is none."""
+  if not os.path.isfile(path):
+    return []
+  with open(path, encoding='utf-8') as f:
+    return [json.loads(l) for l in f if l.strip()]
 
 
 def write_text_atomic(path: str, text: str) -> None:

@@ -11,6 +11,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from glm import files
 from glm.experiments import results as results_lib
 
 
@@ -24,7 +25,7 @@ def _pyplot():
 def curve(workdir: str, key: str = 'loss', name: str = 'metrics.jsonl'
           ) -> tuple[np.ndarray, np.ndarray]:
   """(steps, values) of one workdir's metrics.jsonl (or eval.jsonl, 'all')."""
-  rows = [r for r in results_lib.read_jsonl(os.path.join(workdir, name))
+  rows = [r for r in files.read_jsonl(os.path.join(workdir, name))
           if key in r]
   return (np.asarray([r['step'] for r in rows]),
           np.asarray([r[key] for r in rows], float))

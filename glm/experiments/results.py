@@ -36,11 +36,9 @@ def loss_spikes(losses: Sequence[float]) -> int:
   return spikes
 
 
-def read_jsonl(path: str) -> list[dict[str, Any]]:
-  if not os.path.isfile(path):
-    return []
-  with open(path) as f:
-    return [json.loads(l) for l in f if l.strip()]
+# The held-out numbers per set that eval.jsonl rows carry beside 'all': per
+# language, per mixture task, harness tasks, longer lengths, accuracies.
+PER_SET = ('lang/', 'task/', 'tasks/', 'len_', 'acc/')
 
 
 def read_json(path: str) -> dict[str, Any] | None:
@@ -56,8 +54,8 @@ def run_row(workdir: str) -> dict[str, Any]:
   from glm.model.config import ModelConfig  # pylint: disable=g-import-not-at-top
   final = read_json(os.path.join(workdir, 'final.json')) or {}
   run = read_json(os.path.join(workdir, 'run.json')) or {}
-  metrics = read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
-  evals = read_jsonl(os.path.join(workdir, 'eval.jsonl'))
+  metrics = files.read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
+  evals = files.read_jsonl(os.path.join(workdir, 'eval.jsonl'))
   row: dict[str, Any] = {'workdir': workdir, 'steps': final.get('step')}
   if final:
     row |= {'train_loss': final.get('train_loss'),
@@ -70,8 +68,7 @@ def run_row(workdir: str) -> dict[str, Any]:
   if evals:
     row['best_eval_loss'] = min(e['all'] for e in evals if 'all' in e)
     last = evals[-1]
-    row |= {k: v for k, v in last.items()
-            if k.startswith(('lang/', 'task/', 'tasks/', 'len_', 'acc/'))}
+    row |= {k: v for k, v in last.items() if k.startswith(PER_SET)}
   speeds = [m['tokens_per_s'] for m in metrics[1:] if 'tokens_per_s' in m]
   if speeds:
     row['tokens_per_s'] = statistics.median(speeds)
@@ -125,8 +122,7 @@ def group_by_seed(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                          'failed': len(members) - len(done),
                          'names': [m['name'] for m in members]}
     fields = sorted({k for m in done for k in m
-                     if k in NUMBERS or k.startswith(('lang/', 'tasks/',
-                                                      'task/', 'len_', 'acc/'))})
+                     if k in NUMBERS or k.startswith(PER_SET)})
     for k in fields:
       vals = [m[k] for m in done if isinstance(m.get(k), (int, float))]
       if vals:

@@ -27,6 +27,7 @@ from typing import Any
 
 import jax
 
+from glm import files
 from glm.errors import UserError
 from glm.model.config import ModelConfig
 from glm.training.tensorboard import EventWriter
@@ -155,10 +156,7 @@ class RunFiles:
 
   def read(self, name: str) -> list[dict[str, Any]]:
     """The rows of W/name (a JSON-lines file), [] if there is none."""
-    if not os.path.isfile(self.path(name)):
-      return []
-    with open(self.path(name), encoding='utf-8') as f:
-      return [json.loads(l) for l in f if l.strip()]
+    return files.read_jsonl(self.path(name))
 
   def log(self, name: str, row: dict[str, Any], prefix: str) -> None:
     """Appends `row` (with a 'step') to W/name and to TensorBoard."""
