@@ -1,11 +1,16 @@
-"""GLM blank infilling: the layout is training's, cached logits equal a full
-recomputation with the same pattern, and a tiny GLM trained for a few
-hundred steps on a deterministic pattern fills [MASK] and [gMASK] blanks
-(several per text, spliced in order)."""
+"""GLM blank infilling.
+
+Mechanics, exactly and for any parameters: the layout is training's; cached
+logits equal a full recomputation with the same pattern; and every token
+greedy infilling emits (and where it stops) is what a float64 NumPy model
+recomputing the whole sequence at every step picks, over a layout built here
+from the paper's definition ([gMASK] suffixes, one and two [MASK]s per text,
+[sMASK]; 1D RoPE, 2D RoPE and ALiBi).
+
+Quality (slow): a tiny GLM trained on a counting pattern fills blanks, with
+a bar measured across seeds and CPU numerics (see `_QUALITY_BAR`)."""
 
 from __future__ import annotations
-
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +27,11 @@ from glm.inference import infill
 from glm.model import transformer
 from glm.model.config import ModelConfig
 from glm.training import losses
+
+try:
+  from tests import numpy_reference as ref
+except ImportError:  # tests/ itself is on sys.path (pytest rootdir insertion)
+  import numpy_reference as ref
 
 _NAMES = ['<pad>', '</s>', '<unk>'] + tokenizer.user_defined_symbols()
 SPECIAL = objectives.SpecialIds.from_mapping(
@@ -127,6 +137,107 @@ def test_cached_infilling_equals_full_recomputation(family):
                              rtol=1e-5, atol=2e-5)
 
 
+# Greedy infilling against a float64 recomputation -----------------------------
+
+# glm's float32 logits are within 1e-4 x the logits' scale of the float64
+# reference (tests/test_model_reference.py measures the same bound).
+_REL = 1e-4
+
+
+def _reference_logits(cfg, params64, text, blank, span):
+  """float64 logits [V] that choose the token after `span` when the blank at
+  `text[blank]` is filled, from one forward over the whole sequence laid out
+  by the paper's definition (no cache, no padding): Part A = `text`
+  (positions 0..|A|-1, bidirectional), then <sop> and `span` (causal), each
+  at the blank's position, or at |A|, |A|+1, ... for a [gMASK] under 1D RoPE
+  (GLM-130B); block positions 0 on Part A and 1, 2, ... along the blank."""
+  n_a, n_b = len(text), 1 + len(span)
+  if text[blank] == SPECIAL.gmask and cfg.position == 'rope':
+    part_b = list(range(n_a, n_a + n_b))
+  else:
+    part_b = [blank] * n_b
+  batch = {'tokens': np.array([list(text) + [SPECIAL.sop] + list(span)]),
+           'position_ids': np.array([list(range(n_a)) + part_b]),
+           'block_position_ids': np.array([[0] * n_a
+                                           + list(range(1, n_b + 1))]),
+           'prefix_len': np.array([n_a])}
+  return ref.forward(cfg, params64, batch)[0, -1, :cfg.vocab_size]
+
+
+def _check_against_reference(cfg, params64, prompt, row, max_new):
+  """Walks one prompt's infilling result through the reference: the blanks
+  in text order (the first at or after the previous span's end), each
+  emitted token a reference argmax (within float error), each blank ended
+  by a stop id the reference also ranks first, or by `max_new`. Returns the
+  stop margins of the spans that stopped (logit of the best stop id minus
+  the best other), so the caller can check both endings were exercised."""
+  blanks = (SPECIAL.mask, SPECIAL.smask, SPECIAL.gmask)
+  stops = (SPECIAL.eop, SPECIAL.eos)
+  text = list(prompt)
+  if not any(t in blanks for t in text):
+    text.append(SPECIAL.gmask)
+  names = {SPECIAL.mask: '[MASK]', SPECIAL.smask: '[sMASK]',
+           SPECIAL.gmask: '[gMASK]'}
+  cursor, margins = 0, []
+  for got in row['spans']:
+    m = next(i for i in range(cursor, len(text)) if text[i] in blanks)
+    assert (got['mask'], got['start']) == (names[text[m]], m), (got, text)
+    span = got['tokens']
+    assert len(span) <= max_new and not set(span) & set(stops), span
+    for j in range(min(len(span) + 1, max_new)):
+      logits = _reference_logits(cfg, params64, text, m, span[:j])
+      tol = _REL * max(1.0, float(np.abs(logits).max()))
+      if j < len(span):
+        chosen = logits[span[j]]
+      else:  # the blank stopped here: a stop id must rank first
+        chosen = logits[list(stops)].max()
+        margins.append(chosen - np.delete(logits, stops).max())
+      assert chosen >= logits.max() - tol, (
+          f'{names[text[m]]} at {m} of {text}, step {j}: emitted logit '
+          f'{chosen:.6g}, reference best {logits.max():.6g} '
+          f'(id {logits.argmax()})')
+    text = text[:m] + span + text[m + 1:]
+    cursor = m + len(span)
+  assert not any(t in blanks for t in text[cursor:]), (text, cursor)
+  assert row['tokens'] == text
+  return margins
+
+
+@pytest.mark.parametrize('family', ['glm130b', 'glm2d', 'bloom'])
+def test_greedy_infilling_follows_a_float64_recomputation(family):
+  """One batch of prompts of different lengths: a [gMASK] suffix, a text
+  without a blank (gets [gMASK]), one [MASK] span, one [sMASK], two [MASK]s
+  (the second laid out with the first filled), with large random parameters
+  (attention peaked, logits far apart). Whatever the model says, infilling
+  must say what the reference recomputation says, token for token."""
+  cfg = make_cfg(family, num_layers=3)
+  shapes = transformer.abstract_params(cfg.replace(scan_layers=False))
+  # Seeds whose model ends some blanks with <eop> and runs others to
+  # max_new_tokens (asserted below, with a margin no CPU's rounding moves).
+  seed = {'glm130b': 7, 'glm2d': 7, 'bloom': 3}[family]
+  unstacked = ref.random_params_like(shapes, seed=seed)
+  params = transformer.stack_layers(jax.tree.map(jnp.asarray, unstacked),
+                                    cfg.num_layers)
+  params64 = ref.to_numpy64(unstacked)
+  prompts = [count(2, 6) + [SPECIAL.gmask],
+             count(0, 9),
+             count(1, 2) + [SPECIAL.mask] + count(6, 5),
+             count(3, 4) + [SPECIAL.smask] + count(10, 3),
+             count(0, 1) + [SPECIAL.mask] + count(3, 3) + [SPECIAL.mask]
+             + count(7, 6),
+             [SPECIAL.mask] + count(5, 2) + [SPECIAL.mask]]
+  max_new = 6
+  rows = infill.infill(cfg, params, prompts, IDS, max_new_tokens=max_new)
+  margins = []
+  for prompt, row in zip(prompts, rows):
+    margins += _check_against_reference(cfg, params64, prompt, row, max_new)
+  lengths = [len(s['tokens']) for r in rows for s in r['spans']]
+  # Both endings happen, decisively (a margin far above float error): a
+  # blank stopped by <eop>/eos and one cut at max_new_tokens.
+  assert max(margins, default=-1.0) > 0.1 and max_new in lengths, (
+      margins, lengths)
+
+
 def _pattern_batch(rng, cfg, batch, length, seq_len):
   """GLM examples ([MASK] or [gMASK]) of texts counting up to the top id,
   at least `length` long, padded to `seq_len`."""
@@ -147,12 +258,15 @@ def _pattern_batch(rng, cfg, batch, length, seq_len):
   return {**arrays, 'prefix_len': prefix}
 
 
-@functools.lru_cache(maxsize=1)
-def _trained(length=8, steps=500):
+def _trained(steps=1000, length=8, seed=0):
+  """A tiny GLM-130B-style model trained on counting windows: Adam, 50
+  warmup steps to 3e-3, then cosine decay to 3e-5 (the decay settles it far
+  from any decision boundary; see `_QUALITY_BAR`)."""
   cfg = make_cfg('glm130b', hidden=64, num_heads=4, mlp_dim=128)
   model = transformer.Transformer(cfg)
-  params = transformer.init_params(cfg, jax.random.PRNGKey(0))
-  opt = optax.adam(3e-3)
+  params = transformer.init_params(cfg, jax.random.PRNGKey(seed))
+  opt = optax.adam(optax.warmup_cosine_decay_schedule(
+      0.0, 3e-3, 50, steps, 3e-5))
   state = opt.init(params)
 
   @jax.jit
@@ -167,44 +281,58 @@ def _trained(length=8, steps=500):
     updates, state = opt.update(grads, state, params)
     return optax.apply_updates(params, updates), state, loss
 
-  rng = np.random.default_rng(0)
+  rng = np.random.default_rng(seed)
   for _ in range(steps):
     batch = _pattern_batch(rng, cfg, 32, length, 2 * K)
-    params, state, loss = train_step(params, state, batch)
-  return cfg, params, float(loss)
+    params, state, _ = train_step(params, state, batch)
+  return cfg, params
 
 
-def test_trained_tiny_glm_fills_blanks():
-  """500 steps on counting windows: [gMASK] continuations, one [MASK] and
-  two [MASK]s per text (the second laid out with the first filled) come out
-  exact, and <eop> ends each blank. (At 300 steps one blank of 24 came out
-  short on another CPU: the margin is for XLA's numerics across machines.)"""
-  cfg, params, loss = _trained()
-  assert loss < 0.1, loss
-  rng = np.random.default_rng(1)
+def _counting_prompts(seed, n):
+  """n texts counting to the top id (12 to 20 tokens), each three ways: a
+  [gMASK] suffix, one [MASK] of 1-3 tokens, two [MASK]s of 2 and 1 tokens."""
+  rng = np.random.default_rng(seed)
   prompts, want = [], []
-  for _ in range(8):
-    source = count(int(rng.integers(K - 11)))     # 12 to 20 tokens
-    cut = int(rng.integers(6, 11))                # [gMASK]: a suffix
-    prompts.append(source[:cut] + [SPECIAL.gmask])
-    want.append(source)
-    a = int(rng.integers(1, 5))                   # one [MASK] of 1-3 tokens
-    n = int(rng.integers(1, 4))
-    prompts.append(source[:a] + [SPECIAL.mask] + source[a + n:])
-    want.append(source)
-    # two [MASK]s of 1-2 tokens, apart
-    prompts.append(source[:1] + [SPECIAL.mask] + source[3:6] + [SPECIAL.mask]
-                   + source[7:])
-    want.append(source)
+  for _ in range(n):
+    source = count(int(rng.integers(K - 11)))
+    cut = int(rng.integers(6, 11))
+    a = int(rng.integers(1, 5))
+    m = int(rng.integers(1, 4))
+    prompts += [source[:cut] + [SPECIAL.gmask],
+                source[:a] + [SPECIAL.mask] + source[a + m:],
+                source[:1] + [SPECIAL.mask] + source[3:6] + [SPECIAL.mask]
+                + source[7:]]
+    want += [source] * 3
+  return prompts, want
+
+
+# The share of 72 blanks the trained model must fill exactly. Measured on
+# 2026-12-07 (AMD EPYC, AVX-512): 72 of 72 for each of training seeds 0-7,
+# and for seeds 0-3 also with XLA's own dot kernels instead of YNNPACK plus
+# fast math, and on one thread (the kernels and thread count are what differ
+# between CPUs). The old recipe (500 steps at a constant 3e-3, a bar of
+# 100%) filled 57-72 of 72 over seeds 0-7 here and 17 of 24 on an Intel
+# Xeon with AMX: a training run that ends near a decision boundary.
+_QUALITY_BAR = 0.9
+
+
+@pytest.mark.slow
+def test_trained_tiny_glm_fills_blanks():
+  """Quality, not mechanics (those are checked exactly above): after 1000
+  steps on counting windows, [gMASK] continuations, one [MASK] and two
+  [MASK]s per text come out exact, <eop> ending each blank, for at least
+  `_QUALITY_BAR` of the prompts."""
+  cfg, params = _trained()
+  prompts, want = [], []
+  for seed, n in ((1, 8), (2, 16)):
+    p, w = _counting_prompts(seed, n)
+    prompts += p
+    want += w
   rows = infill.infill(cfg, params, prompts, IDS, max_new_tokens=16,
                        bucket=lambda n: 16)
-  got = [r['tokens'] for r in rows]
-  exact = np.mean([g == w for g, w in zip(got, want)])
-  assert exact == 1.0, [(p, g) for p, g, w in zip(prompts, got, want)
-                        if g != w]
-  two = rows[2]['spans']
-  assert [s['mask'] for s in two] == ['[MASK]', '[MASK]']
-  assert [(s['start'], len(s['tokens'])) for s in two] == [(1, 2), (6, 1)]
+  wrong = [(p, r['tokens']) for p, r, w in zip(prompts, rows, want)
+           if r['tokens'] != w]
+  assert len(wrong) <= (1 - _QUALITY_BAR) * len(prompts), wrong
 
 
 def test_infill_rejects_bad_requests():
