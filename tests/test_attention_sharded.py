@@ -23,6 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, 'tests'))
 import attention_worker  # pylint: disable=g-import-not-at-top,wrong-import-position
 import parallel_worker  # pylint: disable=g-import-not-at-top,wrong-import-position
+from tolerances import assert_same_training  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def _run_worker(out, wide):
@@ -36,18 +37,10 @@ def _run_worker(out, wide):
 
 
 def _compare(runs, family, name):
-  ref = np.load(os.path.join(runs, family, 'xla_single.npz'))
-  got = np.load(os.path.join(runs, family, name + '.npz'))
-  assert len(ref['losses']) == attention_worker.STEPS
-  assert np.ptp(ref['losses']) > 1e-3  # the steps train
-  np.testing.assert_allclose(got['losses'], ref['losses'], rtol=1e-5)
-  np.testing.assert_allclose(got['grad_norms'], ref['grad_norms'], rtol=1e-5)
-  grads = [k for k in ref.files if k.startswith('grad[')]
-  assert len(grads) >= 10
-  scale = max(np.abs(ref[k]).max() for k in grads)
-  for k in grads:
-    np.testing.assert_allclose(got[k], ref[k], rtol=1e-5, atol=1e-6 * scale,
-                               err_msg=k)
+  assert_same_training(
+      np.load(os.path.join(runs, family, name + '.npz')),
+      np.load(os.path.join(runs, family, 'xla_single.npz')),
+      steps=attention_worker.STEPS)
 
 
 def _check_exports(exports, families):

@@ -23,6 +23,8 @@ from glm.model.config import ModelConfig
 from glm.model import positions, transformer
 from glm.parallel import partitioning
 
+from tolerances import assert_close_at_scale  # tests/tolerances.py
+
 
 try:
   from tests import numpy_reference as ref
@@ -390,11 +392,10 @@ def test_embedding_gradient_shrink():
   assert np.abs(e1).max() > 0
   np.testing.assert_allclose(e2, 0.1 * e1, rtol=1e-4,
                              atol=1e-6 * np.abs(e1).max())
-  # Every other gradient is untouched.
+  # Every other gradient is untouched (up to rounding: 0.1 x + 0.9 x is not
+  # always x in float32, so the forward differs in the last bits).
   g1['embed'] = g2['embed'] = None
-  gmax = max(float(np.abs(g).max()) for g in jax.tree.leaves(g1))
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(
-      a, b, rtol=1e-5, atol=1e-6 * gmax), g2, g1)
+  assert_close_at_scale(g2, g1, 1e-5, what='other gradients')
 
 
 # Padded vocabulary -----------------------------------------------------------

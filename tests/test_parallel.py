@@ -24,6 +24,7 @@ from glm.parallel import mesh as mesh_lib
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, 'tests'))
 import parallel_worker  # pylint: disable=g-import-not-at-top,wrong-import-position
+from tolerances import assert_same_training  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # The 8-device runs take minutes on 2 busy cores: the tests that read them
 # are `slow` (CI's second step, `make test-slow`).
@@ -82,29 +83,9 @@ def test_other_layouts_equal_one_device(parallel_runs_rest, family, layout):
 
 
 def _check_layout(runs, family, layout):
-  ref = _load(runs, family, 'single')
-  got = _load(runs, family, layout)
-  assert len(ref['losses']) == parallel_worker.STEPS
-  # The steps train: the loss moves, so equal losses are not a constant.
-  assert np.ptp(ref['losses']) > 1e-3
-  np.testing.assert_allclose(got['losses'], ref['losses'], rtol=1e-5)
-  np.testing.assert_allclose(got['grad_norms'], ref['grad_norms'], rtol=1e-5)
-  grads = [k for k in ref.files if k.startswith('grad[')]
-  assert len(grads) >= 10  # every parameter of the family
-  scale = max(np.abs(ref[k]).max() for k in grads)
-  for k in grads:
-    # Some gradients are zero in exact arithmetic (the attention key bias:
-    # softmax ignores a per-row shift), so rounding gets a floor.
-    np.testing.assert_allclose(got[k], ref[k], rtol=1e-5, atol=1e-6 * scale,
-                               err_msg=k)
-  # Adam moves a weight by lr * m / (sqrt(v) + eps): where a gradient is
-  # near zero (the attention key bias, whose gradient is rounding noise around
-  # an exact zero; embedding rows of rare tokens) the rounding differences the
-  # check above allows become updates of up to ~lr * |dg| / eps, ~1e-6. A
-  # layout that applied an update wrongly would be off by ~lr = 1e-2.
-  for k in (k for k in ref.files if k.startswith('param[')):
-    np.testing.assert_allclose(got[k], ref[k], rtol=1e-5, atol=1e-5,
-                               err_msg=k)
+  assert_same_training(_load(runs, family, layout),
+                       _load(runs, family, 'single'),
+                       steps=parallel_worker.STEPS)
 
 
 @pytest.mark.slow
