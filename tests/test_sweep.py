@@ -232,28 +232,41 @@ def test_a_failed_variant_is_recorded_and_the_sweep_says_so(tmp_path):
 
 def test_parallel_variants_wait_for_the_first_one_to_log_a_step(
     tmp_path, monkeypatch):
-  # Stand-in variants: record the start time, write the first metrics line
-  # after 1 s (the data is built by then), exit 0.2 s later.
+  # Stand-in variants that order themselves through files, not sleeps: each
+  # records when it started; v1 logs its first step only once v2 has
+  # started (so two run at once, or v1 gives up after 60 s and the asserts
+  # fail instead of a hang); v0 logs after 0.5 s, time enough for a sweep
+  # without the gate to start v1 early (a correct sweep passes however
+  # slow the machine).
   script = (
       'import json, os, sys, time\n'
-      'w = sys.argv[1]; os.makedirs(w, exist_ok=True)\n'
-      'open(os.path.join(w, "start"), "w").write(repr(time.time()))\n'
-      'time.sleep(1.0)\n'
-      'open(os.path.join(w, "metrics.jsonl"), "w").write(\n'
-      '    json.dumps({"step": 1, "t": time.time()}) + "\\n")\n'
-      'time.sleep(0.2)\n')
+      'w, name = sys.argv[1], sys.argv[2]\n'
+      'd = os.path.join(w, name); os.makedirs(d, exist_ok=True)\n'
+      'open(os.path.join(d, "start"), "w").write(repr(time.time()))\n'
+      'seen = lambda n: os.path.exists(os.path.join(w, n, "start"))\n'
+      'deadline = time.time() + 60\n'
+      'if name == "v0":\n'
+      '  time.sleep(0.5)  # a sweep without the gate starts v1 meanwhile\n'
+      'while name == "v1" and not seen("v2") and time.time() < deadline:\n'
+      '  time.sleep(0.02)\n'
+      'open(os.path.join(d, "metrics.jsonl"), "w").write(\n'
+      '    json.dumps({"step": 1, "t": time.time()}) + "\\n")\n')
   s = sweep.Sweep(workdir=str(tmp_path), gin_files=[], bindings=[],
                   variants=[sweep.Variant(f'v{i}', (('train.seed', str(i)),))
                             for i in range(3)], axes=['train.seed'])
   monkeypatch.setattr(sweep.Sweep, 'argv', lambda self, v: [
-      sys.executable, '-c', script, os.path.join(self.workdir, v.name)])
+      sys.executable, '-c', script, self.workdir, v.name])
+  # Two slots on any machine (the sweep gives each its share of the cores
+  # this process may use; a one-core runner would give one).
+  cores = os.sched_getaffinity(0)
+  monkeypatch.setattr(sweep, '_cpu_shares', lambda n: [cores] * n)
   out = sweep.run(s, parallel=2, poll_s=0.05, log=lambda *a: None)
   assert {o['status'] for o in out.values()} == {'done'}
   start = lambda n: float((tmp_path / n / 'start').read_text())
-  first_step = json.loads((tmp_path / 'v0' / 'metrics.jsonl').read_text())['t']
-  assert start('v1') >= first_step and start('v2') >= first_step
-  assert start('v2') < float(json.loads(
-      (tmp_path / 'v1' / 'metrics.jsonl').read_text())['t'])  # 2 at once
+  logged = lambda n: json.loads(
+      (tmp_path / n / 'metrics.jsonl').read_text())['t']
+  assert start('v1') >= logged('v0') and start('v2') >= logged('v0')
+  assert start('v2') < logged('v1')   # v1 waited for v2: two at once
 
 
 def _sweep(workdir, data_dir, *extra):

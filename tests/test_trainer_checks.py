@@ -6,7 +6,6 @@ evaluation time, a warmup longer than the run, a first step at lr 0."""
 import json
 import os
 import shutil
-import time
 
 import gin
 import numpy as np
@@ -211,15 +210,36 @@ class _Files:
     self.rows.append(row)
 
 
+class _Clock:
+  """A stand-in for the `time` module whose clock moves only when the stub
+  step, evaluation and checkpoint say how long they took."""
+
+  def __init__(self):
+    self.now = 1000.0
+
+  def time(self):
+    return self.now
+
+  perf_counter = time
+
+  def sleep(self, seconds):
+    self.now += seconds
+
+
 class _Manager:
+  def __init__(self, clock):
+    self.clock = clock
+
   def save(self, step, args):
-    time.sleep(0.3)  # a slow checkpoint
+    self.clock.sleep(0.3)  # a slow checkpoint
 
   def wait_until_finished(self):
     pass
 
 
-def test_logged_throughput_leaves_out_evaluation_and_checkpoints():
+def test_logged_throughput_leaves_out_evaluation_and_checkpoints(monkeypatch):
+  clock = _Clock()
+  monkeypatch.setattr(loop_lib, 'time', clock)
   run = loop_lib.Run(
       workdir='/nonexistent', cfg=ModelConfig(), train_steps=4,
       batch_sizes=np.full(4, 2), batch_size=2, micro=2, seq_len=8, seed=0,
@@ -230,12 +250,13 @@ def test_logged_throughput_leaves_out_evaluation_and_checkpoints():
         'skipped': False, 'nonfinite': False, 'bad_steps': 0}
 
   def step(state, batch, rng):
-    time.sleep(0.05)
+    clock.sleep(0.05)
     return state, ok
 
   files = _Files()
   loop_lib.loop(run, {'params': None}, 0, step, batch_fn=lambda s: None,
-                evaluate=lambda params, s: time.sleep(0.3), manager=_Manager(),
-                files=files, lrs=np.ones(4), flops_per_token=1.0, peak=1.0)
+                evaluate=lambda params, s: clock.sleep(0.3),
+                manager=_Manager(clock), files=files, lrs=np.ones(4),
+                flops_per_token=1.0, peak=1.0)
   times = [r['step_time_s'] for r in files.rows if r['step'] > 1]
-  assert times and all(0.04 < t < 0.2 for t in times), times
+  assert times == pytest.approx([0.05] * len(times), abs=1e-9), times
