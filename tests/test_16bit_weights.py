@@ -59,8 +59,14 @@ def test_bf16_weights_train_like_float32():
           p, m.astype(jnp.bfloat16)), state['params'], master)
       w = np.asarray(master['layers']['mlp']['wi'])
       assert not np.array_equal(w, w.astype(jnp.bfloat16).astype(np.float32))
-  assert losses['float32'][0] - losses['float32'][-1] > 0.05  # it learns
-  np.testing.assert_allclose(losses['bfloat16'], losses['float32'], rtol=2e-3)
+  drop = losses['float32'][0] - losses['float32'][-1]
+  assert drop > 0.5, losses   # it learns (about 1.8 nats)
+  # The curves differ by bf16 rounding of weights and gradients, whose
+  # effect on the loss is a random walk (measured at most 0.0016 here, about
+  # 0.1% of the drop); 1% of the drop is a tenfold margin for another CPU's
+  # rounding, and a broken master update is off by a large part of the drop.
+  np.testing.assert_allclose(losses['bfloat16'], losses['float32'],
+                             atol=0.01 * drop, rtol=0)
 
 
 def test_master_weights_are_sharded_like_the_optimiser_state():

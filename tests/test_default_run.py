@@ -24,10 +24,13 @@ def test_default_run_learns(tmp_path):
   rows = [json.loads(l) for l in open(workdir / 'metrics.jsonl')]
   assert rows[-1]['step'] == 300
   first, last = rows[0]['loss'], rows[-1]['loss']
-  # ln(4096) = 8.3 at the start; the run must have learned something real.
-  assert first > 8.0 and last < 6.0, (first, last)
+  # ln(4096) = 8.3 at the start (a property of the init, on any machine).
+  # The run must have learned something real: 2 nats below that, where it
+  # gets to about 3.3 below (the rest is margin for another CPU's numerics
+  # and another machine's man pages, which make the corpus).
+  assert first > 8.0 and last < first - 2.0, (first, last)
   final = json.loads((workdir / 'final.json').read_text())
-  assert final['eval_loss'] < 6.2
+  assert final['eval_loss'] < first - 2.0, (first, final['eval_loss'])
   assert 'greedy sample:' in out.stdout
   assert 'sampled (temperature 0.8, top-p 0.95, seed 0):' in out.stdout
   assert isinstance(final['sampled'], str) and final['sampled']
