@@ -17,7 +17,7 @@ PYTEST_ARGS ?=
 # xdist_group-marked files (tests/test_parallel.py) whole.
 TEST_WORKERS ?= 2
 
-.PHONY: run eval test test-slow install clean reproduce
+.PHONY: run eval test test-slow test-numerics install clean reproduce
 
 install: $(STAMP)
 
@@ -39,6 +39,17 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+
+# Both suites under other CPU numerics, as another machine would compute
+# them: XLA's own dot kernels instead of YNNPACK's (whose kernels are picked
+# per CPU at run time), fast-math reassociation (NaN and Inf kept), one core
+# per test worker, and no persistent compilation cache (CACHE=true keeps
+# it). A test that passes only by this machine's rounding fails here.
+NUMERICS_XLA_FLAGS ?= --xla_cpu_experimental_ynn_fusion_type= --xla_cpu_enable_fast_math=true
+CACHE ?= false
+test-numerics: $(STAMP)
+	XLA_FLAGS="$(NUMERICS_XLA_FLAGS)" GLM_TEST_ONE_CORE=1 \
+	    JAX_ENABLE_COMPILATION_CACHE=$(CACHE) $(MAKE) test test-slow
 
 # REPRODUCTION.md: every claim's sweep (configs/ablations/<name>.yaml) into
 # runs/ablations/<name>/, its table and plots copied to reproduction/<name>/,

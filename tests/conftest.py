@@ -17,6 +17,15 @@ os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.1')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 
+# `make test-numerics` sets GLM_TEST_ONE_CORE=1: each pytest-xdist worker,
+# and every process it starts, runs on one core of its own, so XLA's kernels
+# split their work over one thread instead of all of them (another order of
+# summation, as on a machine with another core count).
+if os.environ.get('GLM_TEST_ONE_CORE') == '1':
+  _cores = sorted(os.sched_getaffinity(0))
+  _worker = int(os.environ.get('PYTEST_XDIST_WORKER', 'gw0')[2:])
+  os.sched_setaffinity(0, {_cores[_worker % len(_cores)]})
+
 
 @pytest.fixture(scope='session')
 def data_dir(tmp_path_factory):
