@@ -49,7 +49,7 @@ NUMERICS_XLA_FLAGS ?= --xla_cpu_experimental_ynn_fusion_type= --xla_cpu_enable_f
 CACHE ?= false
 test-numerics: $(STAMP)
 	XLA_FLAGS="$(NUMERICS_XLA_FLAGS)" GLM_TEST_ONE_CORE=1 \
-	    JAX_ENABLE_COMPILATION_CACHE=$(CACHE) $(MAKE) test test-slow
+	    JAX_ENABLE_COMPILATION_CACHE=$(CACHE) $(MAKE) -k test test-slow
 
 # REPRODUCTION.md: every claim's sweep (configs/ablations/<name>.yaml) into
 # runs/ablations/<name>/, its table and plots copied to reproduction/<name>/,
